@@ -1,0 +1,212 @@
+"""Saving and loading adapters in PEFT's file format, with nothing but safetensors and JSON.
+
+An adapter directory holds two files:
+
+    adapter_model.safetensors   only the LoRA tensors, e.g.
+        base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight   (r, in)
+        base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight   (out, r)
+    adapter_config.json         r, lora_alpha, target_modules, ... as PEFT's LoraConfig
+
+The key is the module's path in the model, prefixed by `base_model.model.` (PEFT wraps the
+model twice: `PeftModel.base_model` is a `LoraModel` whose `.model` is the transformer). PEFT
+inserts the adapter name (`.default.`) only in memory, never in the file. Because the names
+and the config match, `peft.PeftModel.from_pretrained` reads our adapters and we read theirs.
+
+Our own tools need a little more (the prompt template used in training, so inference builds
+the identical prompt; the base model's shape, to refuse a mismatched base): that lives under
+one extra key, `qwen_lora`, which PEFT ignores.
+
+Safety: we only ever read safetensors (no pickle, so no code can run from a downloaded file),
+and we write through a temporary file and `os.replace`, so a crash never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .errors import UserError
+from .inject import apply_lora, lora_layers
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."
+EXTRA_KEY = "qwen_lora"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the new one, never half."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA tensors under PEFT key names, fp32, contiguous, on CPU."""
+    tensors = {}
+    for name, module in lora_layers(model).items():
+        for part in ("lora_A", "lora_B"):
+            weight = getattr(module, part).weight
+            tensors[f"{PEFT_PREFIX}{name}.{part}.weight"] = weight.detach().float().contiguous().cpu()
+    return tensors
+
+
+def model_shape(model: nn.Module) -> dict:
+    """The few config numbers that decide whether an adapter fits a base model."""
+    config = getattr(model, "config", None)
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
+    return {k: getattr(config, k) for k in keys if config is not None and hasattr(config, k)}
+
+
+def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: str = "", extra: dict | None = None) -> Path:
+    """Write `adapter_model.safetensors` and `adapter_config.json` (PEFT format) into `out_dir`."""
+    layers = lora_layers(model)
+    if not layers:
+        raise UserError("the model has no LoRA layers to save")
+    any_layer = next(iter(layers.values()))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    tensors = adapter_state_dict(model)
+    # safetensors' save_file writes to a path; write beside the target and rename into place.
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{ADAPTER_WEIGHTS}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        os.replace(tmp, out_dir / ADAPTER_WEIGHTS)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(base_model_name_or_path),
+        "r": any_layer.r,
+        "lora_alpha": any_layer.alpha,
+        "lora_dropout": _dropout_p(any_layer),
+        "target_modules": sorted({n.rsplit(".", 1)[-1] for n in layers}),
+        "bias": "none",
+        "use_rslora": any_layer.use_rslora,
+        "use_dora": False,
+        "modules_to_save": None,
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        EXTRA_KEY: {"base_model_shape": model_shape(model), **(extra or {})},
+    }
+    atomic_write_bytes(out_dir / ADAPTER_CONFIG, (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode())
+    return out_dir
+
+
+def _dropout_p(layer) -> float:
+    return float(getattr(layer.lora_dropout, "p", 0.0))
+
+
+def read_adapter_config(adapter_dir) -> dict:
+    """Parse `adapter_config.json`, with a clear error for a missing dir, file or bad JSON."""
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise UserError(f"adapter directory {adapter_dir} does not exist")
+    path = adapter_dir / ADAPTER_CONFIG
+    if not path.is_file():
+        raise UserError(f"{adapter_dir} is not an adapter directory: {ADAPTER_CONFIG} is missing")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON: {e}") from None
+    if config.get("peft_type", "LORA") != "LORA":
+        raise UserError(f"{path}: peft_type {config.get('peft_type')!r} is not LoRA")
+    unsupported = {
+        "use_dora": lambda v: bool(v),
+        "modules_to_save": lambda v: bool(v),
+        "rank_pattern": lambda v: bool(v),
+        "alpha_pattern": lambda v: bool(v),
+        "layers_to_transform": lambda v: v is not None,
+        "fan_in_fan_out": lambda v: bool(v),
+        "bias": lambda v: v not in (None, "none"),
+    }
+    for key, bad in unsupported.items():
+        if key in config and bad(config[key]):
+            raise UserError(f"{path}: {key}={config[key]!r} is not supported by this trainer")
+    return config
+
+
+def read_adapter_tensors(adapter_dir) -> dict[str, torch.Tensor]:
+    """Load the safetensors file (never a pickle), with a clear error if missing or corrupt."""
+    path = Path(adapter_dir) / ADAPTER_WEIGHTS
+    if not path.is_file():
+        if (Path(adapter_dir) / "adapter_model.bin").is_file():
+            raise UserError(f"{adapter_dir} has only adapter_model.bin (pickle); convert it to safetensors")
+        raise UserError(f"{adapter_dir} is not an adapter directory: {ADAPTER_WEIGHTS} is missing")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated/garbled files
+        raise UserError(f"{path} is corrupt or truncated and cannot be read ({e})") from None
+
+
+def load_adapter(model: nn.Module, adapter_dir, dropout: float | None = None) -> dict:
+    """Inject LoRA as the adapter's config says, then load its tensors strictly.
+
+    Strict means: every LoRA tensor the model expects is in the file, the file has nothing else,
+    and every shape matches. Anything else means the adapter belongs to another base model (or
+    is damaged), and using it anyway would silently produce garbage. Returns the config.
+    """
+    config = read_adapter_config(adapter_dir)
+    tensors = read_adapter_tensors(adapter_dir)
+    expected_shape = config.get(EXTRA_KEY, {}).get("base_model_shape", {})
+    actual_shape = model_shape(model)
+    for key, value in expected_shape.items():
+        if key in actual_shape and actual_shape[key] != value:
+            raise UserError(
+                f"adapter {adapter_dir} was trained on a base model with {key}={value}, "
+                f"but the loaded model has {key}={actual_shape[key]}: pass the right --model"
+            )
+    if not lora_layers(model):
+        apply_lora(
+            model,
+            targets=config.get("target_modules") or "q_proj,v_proj",
+            r=int(config["r"]),
+            alpha=config.get("lora_alpha", 8),
+            dropout=config.get("lora_dropout", 0.0) if dropout is None else dropout,
+            use_rslora=bool(config.get("use_rslora", False)),
+        )
+    expected = {k: v.shape for k, v in adapter_state_dict(model).items()}
+    # PEFT writes `.default.` only in memory, but some tools leak it into files: accept both.
+    tensors = {k.replace(".default.weight", ".weight"): v for k, v in tensors.items()}
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise UserError(
+            f"adapter {adapter_dir} does not fit this model: "
+            f"{len(missing)} missing key(s) {missing[:3]}, {len(unexpected)} unexpected key(s) {unexpected[:3]}"
+        )
+    for key, shape in expected.items():
+        if tensors[key].shape != shape:
+            raise UserError(
+                f"adapter {adapter_dir}: {key} has shape {tuple(tensors[key].shape)} but this model "
+                f"needs {tuple(shape)}; the adapter was trained on a base model of another size"
+            )
+    with torch.no_grad():
+        for name, module in lora_layers(model).items():
+            for part in ("lora_A", "lora_B"):
+                weight = getattr(module, part).weight
+                weight.copy_(tensors[f"{PEFT_PREFIX}{name}.{part}.weight"].to(weight.device, weight.dtype))
+    return config

@@ -1,0 +1,418 @@
+"""Reading instruction-tuning files into conversations, and saying exactly what was kept.
+
+Real datasets arrive in many shapes. Every file becomes a list of `Sample`s: an optional system
+prompt and one or more (user, assistant) turns. Nothing about tokens happens here (that is
+`prompt.py`); this file only decides *what text* the model will see.
+
+Accepted, auto-detected from the content (never from the file extension):
+- containers: a JSON array, JSON Lines, or CSV/TSV (with a header row);
+- encodings: UTF-8 (with or without BOM) and GB18030/GBK, common in Chinese medical data;
+- row shapes:
+    Alpaca     {"instruction", "input"?, "output", "system"?}; values may be one-element lists
+    messages   {"messages" | "conversation": [{"role", "content"}, ...]}      (OpenAI style)
+    ShareGPT   {"conversations": [{"from": "human"|"gpt"|"system", "value"}, ...]}
+    flat       any other columns, through `--columns prompt=Question,response=Complex_CoT+Response`
+               (several columns joined by "+" are concatenated with a blank line between them);
+               well-known pairs (question/answer, ask/answer, prompt/response, ...) need no flag.
+
+A bad row (malformed line, missing output, null value, odd turn order, ...) is skipped and
+counted under its reason, with the first few row numbers, so a user always learns what was lost.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One exchange. `user_input` is Alpaca's optional `input` (the case, the text to work on)."""
+
+    user: str
+    assistant: str
+    user_input: str = ""
+
+
+@dataclass(frozen=True)
+class Sample:
+    turns: tuple[Turn, ...]
+    system: str | None = None
+    row: int = 0  # 1-based row (JSON array index, JSONL line, CSV record) in the source file
+
+
+@dataclass
+class ReadReport:
+    """What reading a file did: counts per skip reason, duplicates, notes. Printed before training."""
+
+    path: str
+    encoding: str = ""
+    container: str = ""
+    rows_read: int = 0
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    skipped_rows: dict = field(default_factory=lambda: defaultdict(list))
+    notes: Counter = field(default_factory=Counter)
+    duplicates: int = 0
+    duplicates_dropped: int = 0
+    schemas: Counter = field(default_factory=Counter)
+
+    def skip(self, reason: str, row: int) -> None:
+        self.skipped[reason] += 1
+        if len(self.skipped_rows[reason]) < 5:
+            self.skipped_rows[reason].append(row)
+
+    def to_dict(self) -> dict:
+        return {
+            "path": self.path,
+            "encoding": self.encoding,
+            "container": self.container,
+            "rows_read": self.rows_read,
+            "kept": self.kept,
+            "skipped": dict(self.skipped),
+            "first_skipped_rows": {k: v for k, v in self.skipped_rows.items()},
+            "notes": dict(self.notes),
+            "duplicates": self.duplicates,
+            "duplicates_dropped": self.duplicates_dropped,
+            "schemas": dict(self.schemas),
+        }
+
+    def lines(self) -> list[str]:
+        out = [
+            f"data {self.path}: {self.container}, {self.encoding}; rows read {self.rows_read}, "
+            f"kept {self.kept}, skipped {sum(self.skipped.values())}"
+            + (f" (schemas: {', '.join(f'{k} {v}' for k, v in self.schemas.items())})" if self.schemas else "")
+        ]
+        for reason, n in self.skipped.most_common():
+            rows = ", ".join(map(str, self.skipped_rows[reason]))
+            out.append(f"  skipped {n:>6} {reason} (first rows: {rows})")
+        for note, n in self.notes.most_common():
+            out.append(f"  note    {n:>6} {note}")
+        if self.duplicates:
+            action = "dropped (--dedup)" if self.duplicates_dropped else "kept; --dedup drops them"
+            out.append(f"  exact duplicates: {self.duplicates} ({action})")
+        return out
+
+
+class BadRow(Exception):
+    """Raised inside row parsing; carries the skip reason."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Bytes -> text
+
+
+def decode_bytes(raw: bytes, path, encoding: str | None = None) -> tuple[str, str]:
+    """Decode a data file; returns (text, encoding name). Never uses the system default.
+
+    UTF-8 is tried first (a BOM is stripped). If it fails and everything before the first bad
+    byte was plain ASCII, the file is most likely GB18030/GBK, which is tried next. If the file
+    had valid multi-byte UTF-8 before the bad byte, it is a damaged UTF-8 file: we report the
+    byte offset rather than decode it into nonsense.
+    """
+    if encoding:
+        try:
+            return raw.decode(encoding), encoding
+        except (UnicodeDecodeError, LookupError) as e:
+            raise UserError(f"{path}: cannot decode as {encoding}: {e}") from None
+    if raw.startswith(b"\xef\xbb\xbf"):
+        try:
+            return raw[3:].decode("utf-8"), "utf-8-sig"
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}: invalid UTF-8 at byte offset {e.start + 3} (file starts with a UTF-8 BOM)") from None
+    try:
+        return raw.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError as e:
+        utf8_error = e
+    if not raw[: utf8_error.start].isascii():
+        raise UserError(
+            f"{path}: invalid UTF-8 at byte offset {utf8_error.start} "
+            f"(the file is UTF-8 before that point; is it damaged? --encoding forces another encoding)"
+        )
+    try:
+        return raw.decode("gb18030"), "gb18030"
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"{path}: neither UTF-8 (bad byte at offset {utf8_error.start}) nor GB18030 "
+            f"(bad byte at offset {e.start}); pass --encoding NAME"
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Text -> raw records (dicts), with their row numbers
+
+
+def parse_records(text: str, path, report: ReadReport) -> list[tuple[int, object]]:
+    """Split decoded text into (row number, record) pairs, deciding the container from content."""
+    stripped = text.lstrip()
+    if not stripped:
+        raise UserError(f"{path} is empty")
+    if stripped[0] == "[":
+        report.container = "JSON array"
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        return list(enumerate(data, start=1))
+    if stripped[0] == "{":
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None
+        if isinstance(whole, dict):
+            lists = [v for v in whole.values() if isinstance(v, list) and v and isinstance(v[0], dict)]
+            if len(lists) == 1 and not _looks_like_row(whole):
+                report.container = "JSON object with a list of rows"
+                return list(enumerate(lists[0], start=1))
+            report.container = "JSON (one row)"
+            return [(1, whole)]
+        report.container = "JSON Lines"
+        records = []
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append((lineno, json.loads(line)))
+            except json.JSONDecodeError:
+                records.append((lineno, BadRow("malformed JSON line")))
+        return records
+    return _parse_csv(text, path, report)
+
+
+def _looks_like_row(obj: dict) -> bool:
+    return any(k in obj for k in ("instruction", "output", "messages", "conversations", "conversation"))
+
+
+def _parse_csv(text: str, path, report: ReadReport) -> list[tuple[int, object]]:
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    sample = text[:8192]
+    try:
+        dialect = csv.Sniffer().sniff(sample, delimiters=",\t;|")
+        delimiter = dialect.delimiter
+    except csv.Error:
+        delimiter = ","
+    report.container = "TSV" if delimiter == "\t" else "CSV"
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
+        header = [h.strip() for h in next(reader)]
+    except StopIteration:
+        raise UserError(f"{path} is empty") from None
+    if len(header) < 2 or len(set(header)) != len(header):
+        raise UserError(f"{path}: not JSON, and its first line is not a CSV header with distinct column names")
+    records = []
+    for rowno, values in enumerate(reader, start=1):
+        if not any(v.strip() for v in values):
+            continue
+        if len(values) != len(header):
+            records.append((rowno, BadRow("malformed CSV row (wrong number of fields)")))
+        else:
+            records.append((rowno, dict(zip(header, values))))
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# Records -> Samples
+
+
+ROLE_ALIASES = {
+    "user": "user", "human": "user", "question": "user",
+    "assistant": "assistant", "gpt": "assistant", "bot": "assistant", "model": "assistant", "chatgpt": "assistant",
+    "system": "system",
+}
+
+# Flat schemas recognised without --columns: (prompt column, response column), matched case-insensitively.
+KNOWN_FLAT_PAIRS = [
+    ("prompt", "response"), ("question", "answer"), ("query", "response"), ("ask", "answer"),
+    ("question", "response"), ("input", "output"), ("prompt", "completion"), ("query", "answer"),
+]
+
+
+def parse_columns(spec: str | None) -> dict[str, list[str]] | None:
+    """`"prompt=Question,response=Complex_CoT+Response"` -> {"prompt": [...], "response": [...]}."""
+    if not spec:
+        return None
+    aliases = {"instruction": "prompt", "output": "response", "answer": "response", "question": "prompt"}
+    mapping: dict[str, list[str]] = {}
+    for part in spec.split(","):
+        if "=" not in part:
+            raise UserError(f"--columns: expected FIELD=COLUMN[+COLUMN...], got {part!r}")
+        key, cols = (s.strip() for s in part.split("=", 1))
+        key = aliases.get(key, key)
+        if key not in ("prompt", "input", "response", "system"):
+            raise UserError(f"--columns: unknown field {key!r}; use prompt, input, response, system")
+        mapping[key] = [c.strip() for c in cols.split("+") if c.strip()]
+    if "prompt" not in mapping or "response" not in mapping:
+        raise UserError("--columns needs at least prompt=... and response=...")
+    return mapping
+
+
+def _text(value, what: str, required: bool = True) -> str:
+    """A field's text: a string, or a list of strings (joined). Null/other types are bad rows."""
+    if value is None:
+        if required:
+            raise BadRow(f"missing or empty {what}")
+        return ""
+    if isinstance(value, list):
+        if not all(isinstance(v, str) for v in value):
+            raise BadRow("null or non-string value")
+        value = "\n".join(v.strip() for v in value)
+    if not isinstance(value, str):
+        raise BadRow("null or non-string value")
+    value = value.strip()
+    if required and not value:
+        raise BadRow(f"missing or empty {what}")
+    return value
+
+
+def _from_alpaca(rec: dict, questions: bool = False) -> Sample:
+    return Sample(
+        turns=(Turn(_text(rec.get("instruction"), "instruction"), _text(rec.get("output"), "output", required=not questions),
+                    _text(rec.get("input"), "input", required=False)),),
+        system=_text(rec.get("system"), "system", required=False) or None,
+    )
+
+
+def _from_messages(messages, report: ReadReport, role_key: str, content_key: str, questions: bool = False) -> Sample:
+    if not isinstance(messages, list) or not messages:
+        raise BadRow("empty conversation")
+    turns = []
+    for m in messages:
+        if not isinstance(m, dict):
+            raise BadRow("unknown schema")
+        role = ROLE_ALIASES.get(str(m.get(role_key, "")).lower())
+        if role is None:
+            raise BadRow(f"unknown role {m.get(role_key)!r}")
+        value = m.get(content_key)
+        if value is None or not isinstance(value, str):
+            raise BadRow("null or non-string value")
+        if not value.strip():
+            raise BadRow("empty turn")
+        turns.append((role, value.strip()))
+    system = None
+    if turns[0][0] == "system":
+        system = turns.pop(0)[1]
+    if turns and turns[-1][0] == "user":
+        if questions:
+            turns.append(("assistant", ""))  # the question to answer
+        else:
+            turns.pop()
+            report.notes["trailing user turn without an answer dropped"] += 1
+    if not turns:
+        raise BadRow("no assistant turn")
+    roles = [r for r, _ in turns]
+    if roles != ["user", "assistant"] * (len(roles) // 2) or len(roles) % 2:
+        raise BadRow("bad turn order (expected user/assistant alternating)")
+    return Sample(turns=tuple(Turn(turns[i][1], turns[i + 1][1]) for i in range(0, len(turns), 2)), system=system)
+
+
+def _flat_mapping(rec: dict) -> dict[str, list[str]] | None:
+    lower = {k.lower(): k for k in rec}
+    for p, r in KNOWN_FLAT_PAIRS:
+        if p in lower and r in lower:
+            mapping = {"prompt": [lower[p]], "response": [lower[r]]}
+            if "system" in lower:
+                mapping["system"] = [lower["system"]]
+            return mapping
+    return None
+
+
+def _from_columns(rec: dict, mapping: dict[str, list[str]], questions: bool = False) -> Sample:
+    def get(field_name, required):
+        cols = mapping.get(field_name, [])
+        missing = [c for c in cols if c not in rec and not (questions and field_name == "response")]
+        if missing:
+            raise BadRow(f"missing column(s) {', '.join(missing)}")
+        parts = [_text(rec.get(c), field_name, required=False) for c in cols]
+        text = "\n\n".join(p for p in parts if p)
+        if required and not text:
+            raise BadRow("missing or empty output" if field_name == "response" else f"missing or empty {field_name}")
+        return text
+
+    return Sample(
+        turns=(Turn(get("prompt", True), get("response", not questions), get("input", False)),),
+        system=get("system", False) or None,
+    )
+
+
+def record_to_sample(rec, report: ReadReport, columns=None, questions: bool = False) -> Sample:
+    """One raw record -> Sample, or BadRow with the reason.
+
+    `questions=True` reads a file of questions (for inference): answers may be missing, and a
+    conversation ending on a user turn keeps that turn as the question.
+    """
+    if isinstance(rec, BadRow):
+        raise rec
+    if not isinstance(rec, dict):
+        raise BadRow("unknown schema")
+    if columns:
+        report.schemas["--columns"] += 1
+        return _from_columns(rec, columns, questions)
+    if "conversations" in rec:
+        report.schemas["sharegpt"] += 1
+        conv = rec["conversations"]
+        keys = ("from", "value") if conv and isinstance(conv[0], dict) and "from" in conv[0] else ("role", "content")
+        return _from_messages(conv, report, *keys, questions=questions)
+    for key in ("messages", "conversation"):
+        if key in rec:
+            report.schemas["messages"] += 1
+            return _from_messages(rec[key], report, "role", "content", questions=questions)
+    if "instruction" in rec or "output" in rec:
+        report.schemas["alpaca"] += 1
+        return _from_alpaca(rec, questions)
+    mapping = _flat_mapping(rec)
+    if mapping:
+        report.schemas["+".join(mapping["prompt"]) + "/" + mapping["response"][0]] += 1
+        return _from_columns(rec, mapping, questions)
+    raise BadRow("unknown schema")
+
+
+def read_dataset(
+    path,
+    columns: str | dict | None = None,
+    strict: bool = False,
+    dedup: bool = False,
+    encoding: str | None = None,
+    questions: bool = False,
+) -> tuple[list[Sample], ReadReport]:
+    """Read a data file into Samples. Bad rows are skipped and counted (or fatal with `strict`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"data file {path} does not exist")
+    report = ReadReport(path=str(path))
+    text, report.encoding = decode_bytes(path.read_bytes(), path, encoding)
+    records = parse_records(text, path, report)
+    mapping = parse_columns(columns) if isinstance(columns, str) else columns
+    samples: list[Sample] = []
+    seen = set()
+    for rowno, rec in records:
+        report.rows_read += 1
+        try:
+            sample = record_to_sample(rec, report, mapping, questions)
+        except BadRow as e:
+            if strict:
+                raise UserError(f"{path}: row {rowno}: {e} (--strict stops at the first bad row)") from None
+            report.skip(str(e), rowno)
+            continue
+        key = (sample.system, sample.turns)
+        if key in seen:
+            report.duplicates += 1
+            if dedup:
+                report.duplicates_dropped += 1
+                continue
+        seen.add(key)
+        samples.append(Sample(sample.turns, sample.system, rowno))
+    report.kept = len(samples)
+    if not samples:
+        reasons = "; ".join(f"{n} {r}" for r, n in report.skipped.most_common()) or "no rows"
+        hint = ""
+        if report.skipped.get("unknown schema") and isinstance(records[0][1], dict):
+            hint = f". Its columns are {', '.join(map(str, records[0][1].keys()))}: map them with --columns prompt=COL,response=COL"
+        raise UserError(f"{path}: no usable rows ({reasons}){hint}")
+    return samples, report

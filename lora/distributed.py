@@ -1,0 +1,71 @@
+"""Data parallelism with `torchrun`: one process per GPU (or CPU slot), PyTorch's own engine.
+
+`torchrun --nproc_per_node N train.py ...` starts N copies of this program and sets RANK,
+WORLD_SIZE and LOCAL_RANK. Each copy holds the whole model, reads a disjoint slice of every
+global batch, and `DistributedDataParallel` averages the adapter gradients across copies after
+each backward. NCCL carries the traffic between GPUs, gloo between CPU processes.
+
+Without torchrun (WORLD_SIZE unset) every helper here is a no-op, so the single-process path
+is the same code.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_type: str) -> DistInfo:
+    """Join the process group torchrun describes in the environment (if any)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        if device_type == "cuda":
+            torch.cuda.set_device(info.local_rank)
+        dist.init_process_group(backend=backend)
+    return info
+
+
+def all_reduce_sum(value: float | int, device) -> float:
+    """Sum a number over all processes (the number itself when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.item()
+
+
+def any_rank(flag: bool, device) -> bool:
+    """True if `flag` is true on any process: everyone then takes the same branch."""
+    return all_reduce_sum(1.0 if flag else 0.0, device) > 0
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,206 @@
+"""Putting `LoRALinear` into a pretrained model, and freezing everything else.
+
+A Qwen decoder layer (qwen2 architecture: Qwen1.5/2/2.5; and qwen3) looks like
+
+    model.layers.N.self_attn.{q_proj, k_proj, v_proj, o_proj}    nn.Linear
+    model.layers.N.mlp.{gate_proj, up_proj, down_proj}           nn.Linear
+
+The original LoRA paper adapts only the attention queries and values (`q_proj`, `v_proj`),
+which is our default; `all-linear` adapts every linear layer of the decoder (never `lm_head`,
+which is the vocabulary projection, and is large and tied to the embeddings in small models).
+
+Injection replaces each matched `nn.Linear` by a `LoRALinear` that wraps it, in place. Then
+freezing is *structural*: every parameter gets `requires_grad=False`, and only `lora_A`/`lora_B`
+get it back. The optimizer is handed exactly those parameters, so nothing else can move.
+Llama-style models use the same module names and work the same way.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from torch import nn
+
+from .errors import UserError
+from .layer import LoRALinear, check_lora_hyperparameters
+
+ALL_LINEAR = "all-linear"
+DEFAULT_TARGETS = ("q_proj", "v_proj")
+
+
+@dataclass
+class LoRAReport:
+    """What injection did: which modules, and how many parameters now train."""
+
+    adapted_modules: list[str]
+    target_names: list[str]
+    trainable_params: int
+    total_params: int
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.trainable_params / max(self.total_params, 1)
+
+    def __str__(self) -> str:
+        return (
+            f"trainable params: {self.trainable_params:,} || all params: {self.total_params:,} "
+            f"|| trainable: {self.trainable_percent:.4f}% ({len(self.adapted_modules)} LoRA layers on "
+            f"{', '.join(self.target_names)})"
+        )
+
+
+def parse_targets(targets) -> str | list[str]:
+    """`"q_proj,v_proj"`, `["q_proj", "v_proj"]` or `"all-linear"` -> a list or `ALL_LINEAR`."""
+    if isinstance(targets, str):
+        if targets.strip() == ALL_LINEAR:
+            return ALL_LINEAR
+        targets = targets.split(",")
+    names = [t.strip() for t in targets if t and t.strip()]
+    if not names:
+        raise UserError("no LoRA target modules given (e.g. --targets q_proj,v_proj or all-linear)")
+    return names
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Distinct short names (last path component) of the model's linear layers, lm_head excluded."""
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, LoRALinear)) and module is not out_emb:
+            if isinstance(module, nn.Linear) and _inside_lora(name):
+                continue
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def _inside_lora(name: str) -> bool:
+    parts = name.split(".")
+    return any(p in ("lora_A", "lora_B", "base_layer") for p in parts)
+
+
+def _matches(name: str, targets, regex: str | None) -> bool:
+    if regex is not None:
+        return re.fullmatch(regex, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def find_target_modules(model: nn.Module, targets="q_proj,v_proj") -> list[str]:
+    """Full names of the `nn.Linear` modules that `targets` selects (suffix match + isinstance).
+
+    `targets` may also be a PEFT-style regex string (matched against the full module name);
+    that is how adapters saved by PEFT with a regex `target_modules` are read back.
+    """
+    regex = None
+    if isinstance(targets, str) and targets.strip() != ALL_LINEAR and re.search(r"[\\^$*+?()\[\]|]", targets):
+        regex = targets
+        parsed = None
+    else:
+        parsed = parse_targets(targets)
+    if parsed == ALL_LINEAR:
+        parsed = linear_module_names(model)
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    found = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+        and module is not out_emb
+        and not _inside_lora(name)
+        and _matches(name, parsed, regex)
+    ]
+    if not found:
+        raise UserError(
+            f"LoRA target(s) {targets!r} match no linear layer of this model. "
+            f"Its linear layers are: {', '.join(linear_module_names(model))} (or use all-linear)"
+        )
+    return found
+
+
+def apply_lora(
+    model: nn.Module,
+    targets="q_proj,v_proj",
+    r: int = 8,
+    alpha: float = 16,
+    dropout: float = 0.05,
+    use_rslora: bool = False,
+) -> LoRAReport:
+    """Wrap each target linear of `model` in a `LoRALinear`, freeze the rest, and report.
+
+    Returns a `LoRAReport`; the trainable count equals `sum over targets of r · (in + out)`.
+    """
+    check_lora_hyperparameters(r, alpha, dropout)
+    names = find_target_modules(model, targets)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        base = getattr(parent, child)
+        setattr(parent, child, LoRALinear(base, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora))
+    trainable = freeze_all_but_lora(model)
+    total = sum(p.numel() for p in model.parameters())
+    short = sorted({n.rsplit(".", 1)[-1] for n in names})
+    return LoRAReport(names, short, trainable, total)
+
+
+def freeze_all_but_lora(model: nn.Module) -> int:
+    """requires_grad=False everywhere, then True on lora_A/lora_B only. Returns the trainable count."""
+    model.requires_grad_(False)
+    count = 0
+    for module in lora_layers(model).values():
+        for p in (module.lora_A.weight, module.lora_B.weight):
+            p.requires_grad_(True)
+            count += p.numel()
+    return count
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """Every `LoRALinear` in the model, by its full module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters the optimizer should see: every lora_A and lora_B weight, in a fixed order."""
+    params = []
+    for module in lora_layers(model).values():
+        params += [module.lora_A.weight, module.lora_B.weight]
+    return params
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Fold every adapter into its base weight (idempotent)."""
+    for module in lora_layers(model).values():
+        module.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    """Take every adapter back out of its base weight (idempotent)."""
+    for module in lora_layers(model).values():
+        module.unmerge()
+
+
+@contextmanager
+def lora_disabled(model: nn.Module):
+    """Inside this block the model is the base model again (adapters bypassed, not deleted)."""
+    layers = list(lora_layers(model).values())
+    if any(m.merged for m in layers):
+        raise RuntimeError("unmerge the adapters before disabling them")
+    for m in layers:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.disabled = False
+
+
+def remove_lora(model: nn.Module) -> nn.Module:
+    """Merge, then replace each `LoRALinear` by its plain `nn.Linear`: no trace of LoRA remains.
+
+    Used by export: the result saves as an ordinary Hugging Face checkpoint.
+    """
+    for name, module in lora_layers(model).items():
+        module.merge()
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, module.base_layer)
+    return model

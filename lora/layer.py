@@ -1,0 +1,154 @@
+"""`LoRALinear`: a frozen linear layer plus a trainable low-rank update.
+
+The idea (Hu et al., 2021, "LoRA: Low-Rank Adaptation of Large Language Models")
+-------------------------------------------------------------------------------
+Fine-tuning changes a pretrained weight `W0: (out, in)` into `W0 + ΔW`. LoRA bets that the useful
+`ΔW` has low rank, and writes it as the product of two thin matrices:
+
+    ΔW = (α / r) · B A          A: (r, in)    B: (out, r)    r ≪ min(in, out)
+
+so a layer computes, for an input `x: (..., in)`,
+
+    h = W0 x + b  +  (α / r) · B (A x)          h: (..., out)
+
+`W0` and `b` stay frozen. Only `A` and `B` train: `r · (in + out)` numbers instead of
+`in · out` (for Qwen2.5-0.5B's q_proj, 896×896, r = 8: 14,336 instead of 802,816).
+
+Why B starts at zero
+    With `B = 0`, `ΔW = 0`, so right after injection the model computes exactly what the
+    pretrained model computed: training starts from the base model, not from a random
+    perturbation of it. `A` must then *not* be zero, or the gradient of `B` (which is
+    `∂L/∂h · (A x)ᵀ`) would be zero too and nothing would ever move. `A` gets the same
+    kaiming-uniform init (a = √5) that `nn.Linear` uses, as in the reference implementation.
+
+What α / r does
+    `scaling = α / r` multiplies the update. Keeping α fixed while changing r keeps the size of
+    the initial updates roughly constant, so a learning rate tuned at one rank still works at
+    another. rsLoRA (Kalajdzievski, 2023) argues the stable choice is `α / √r`
+    (`use_rslora=True`), which matters at large ranks.
+
+Precision
+    The frozen base may be bf16/fp16 to save memory; `A` and `B` are always fp32, because
+    they are what the optimizer updates (AdamW's tiny steps vanish in bf16, and `GradScaler`
+    refuses fp16 parameters). The input is cast to fp32 for the adapter path and the result
+    cast back to the base output's dtype before the sum.
+
+Merging
+    For inference, `W0 + (α/r)·BA` can be folded into one matrix (`merge()`), so the adapter
+    costs nothing at generation time. `unmerge()` subtracts it again. Both are explicit,
+    idempotent (a `merged` flag), and computed in fp32 before casting to the base dtype.
+    Switching to `.eval()` never merges: hidden state changes make bugs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+
+class LoRALinear(nn.Module):
+    """`h = base(x) + (α/r) · lora_B(lora_A(dropout(x)))` around a frozen `nn.Linear`.
+
+    Submodule names (`base_layer`, `lora_A`, `lora_B`) follow PEFT, so the adapter's state-dict
+    keys (`...q_proj.lora_A.weight`, shape `(r, in)`; `...q_proj.lora_B.weight`, shape
+    `(out, r)`) are the ones PEFT reads and writes.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        r: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+    ):
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"LoRALinear wraps nn.Linear, got {type(base_layer).__name__}")
+        check_lora_hyperparameters(r, alpha, dropout)
+        self.base_layer = base_layer
+        self.base_layer.requires_grad_(False)
+        self.r = int(r)
+        self.alpha = float(alpha)
+        self.use_rslora = bool(use_rslora)
+        self.scaling = self.alpha / (math.sqrt(self.r) if use_rslora else self.r)
+
+        device = base_layer.weight.device
+        # Adapters live in fp32 whatever the base dtype is (see the module docstring).
+        self.lora_A = nn.Linear(base_layer.in_features, self.r, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = nn.Linear(self.r, base_layer.out_features, bias=False, device=device, dtype=torch.float32)
+        # Dropout on the adapter's input only: the frozen path sees the clean x.
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.disabled = False  # True: behave exactly like the base layer (for before/after views)
+        self.reset_lora_parameters()
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        # Code that reads `proj.weight` (dtype checks, tied-weight logic) keeps working.
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def reset_lora_parameters(self) -> None:
+        """A ~ kaiming-uniform(a=√5), as nn.Linear; B = 0, so ΔW = BA = 0 at the start."""
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.merged or self.disabled:
+            return result  # merged: ΔW is already inside base_layer.weight
+        adapter_dtype = self.lora_A.weight.dtype
+        update = self.lora_B(self.lora_A(self.lora_dropout(x.to(adapter_dtype))))
+        return result + (update * self.scaling).to(result.dtype)
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = (α/r) · B A, shape (out, in), in fp32."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold ΔW into the base weight: W ← W0 + ΔW. A second call does nothing."""
+        if self.merged:
+            return
+        weight = self.base_layer.weight
+        weight.copy_((weight.float() + self.delta_weight()).to(weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take ΔW back out: W ← W - ΔW. Exact up to rounding in the base dtype."""
+        if not self.merged:
+            return
+        weight = self.base_layer.weight
+        weight.copy_((weight.float() - self.delta_weight()).to(weight.dtype))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:.4g}, merged={self.merged}"
+
+
+def check_lora_hyperparameters(r, alpha, dropout) -> None:
+    """Reject values that make LoRA meaningless, with a message that names the value."""
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise UserError(f"LoRA rank r must be a positive integer, got {r!r}")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0:
+        raise UserError(f"LoRA alpha must be a positive number, got {alpha!r}")
+    if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise UserError(f"LoRA dropout must be in [0, 1), got {dropout!r}")

@@ -1,0 +1,108 @@
+"""The loss: shifted cross-entropy, computed only where there is something to learn.
+
+Shift, once
+    A causal LM's hidden state at position t predicts token t+1. So position t is scored
+    against `labels[t + 1]`: we drop the last hidden state (nothing follows it) and the first
+    label (nothing predicts it). This is the only place in the project that shifts.
+
+Only supervised positions
+    In instruction tuning most positions are prompt (label -100). The model's own loss
+    computes logits for *every* position: `[batch, seq, vocab]`, with Qwen's 151,936-token
+    vocabulary in fp32 that is 600 KB per token, most of it thrown away. We first gather the
+    hidden states whose next token is supervised, `h: (N, hidden)`, and project only those.
+
+Chunked, and never a `(N, vocab)` tensor kept for backward
+    `lm_head` is frozen, so the only gradient we need is the one with respect to `h`:
+
+        loss_i  = logsumexp(z_i) - z_i[y_i]              z_i = W h_i,  W: (vocab, hidden)
+        ∂loss_i/∂h_i = (softmax(z_i) - onehot(y_i)) W      (hidden,)
+
+    `SupervisedCrossEntropy` computes both in the forward pass, `chunk_size` rows at a time,
+    and keeps only `∂loss/∂h` (N × hidden) for backward: peak memory is one chunk of logits,
+    and backward costs nothing extra. Logits are upcast to fp32 before the softmax.
+
+Token normalization (exact gradient accumulation)
+    The function returns the *sum* of token losses and the token count, not a mean. The
+    training loop divides by the number of supervised tokens in the whole accumulation window,
+    so every token weighs the same, however the tokens are spread over micro-batches.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .prompt import IGNORE_INDEX
+
+DEFAULT_CHUNK = 1024
+
+
+def shift_for_next_token(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden (B, T, H), labels (B, T) -> supervised hidden (N, H) and their targets (N,)."""
+    hidden = hidden[:, :-1, :]
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    return hidden[keep], targets[keep]
+
+
+class SupervisedCrossEntropy(torch.autograd.Function):
+    """sum_i CE(W h_i, y_i) for a frozen W, with ∂/∂h computed chunk by chunk in forward."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor, chunk_size: int):
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        for start in range(0, h.shape[0], chunk_size):
+            h_chunk = h[start : start + chunk_size].to(weight.dtype)
+            y = targets[start : start + chunk_size]
+            logits = F.linear(h_chunk, weight, bias).float()  # (chunk, vocab), upcast for the softmax
+            log_z = torch.logsumexp(logits, dim=-1)
+            total += (log_z - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            if grad_h is not None:
+                probs = torch.exp(logits - log_z[:, None])  # softmax, reusing log Z
+                probs[torch.arange(y.shape[0], device=y.device), y] -= 1.0
+                grad_h[start : start + chunk_size] = (probs.to(weight.dtype) @ weight).to(h.dtype)
+        if grad_h is not None:
+            ctx.save_for_backward(grad_h)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad_h,) = ctx.saved_tensors
+        return grad_h * grad_output.to(grad_h.dtype), None, None, None, None
+
+
+def supervised_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, lm_head: torch.nn.Linear, chunk_size: int = DEFAULT_CHUNK):
+    """(sum of next-token CE over supervised positions, number of those positions)."""
+    h, targets = shift_for_next_token(hidden, labels)
+    if lm_head.weight.requires_grad:
+        raise ValueError("supervised_loss_sum assumes a frozen lm_head")
+    if h.shape[0] == 0:
+        return hidden.sum() * 0.0, 0  # keeps the graph connected (DDP needs every rank to backward)
+    # Autocast would otherwise decide matmul dtypes inside; we choose them explicitly.
+    with torch.autocast(device_type=h.device.type, enabled=False):
+        loss = SupervisedCrossEntropy.apply(h, lm_head.weight, lm_head.bias, targets, chunk_size)
+    return loss, int(targets.numel())
+
+
+def count_supervised(labels: torch.Tensor) -> int:
+    """Tokens that will be scored: labels after the shift that are not -100."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+class CausalLMLoss(torch.nn.Module):
+    """Wraps a causal LM: forward(batch) -> (loss sum, supervised token count).
+
+    Running the decoder and the loss inside one module's forward lets DistributedDataParallel
+    wrap it: DDP only synchronises gradients for work done inside the wrapped forward.
+    """
+
+    def __init__(self, model, chunk_size: int = DEFAULT_CHUNK):
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+
+    def forward(self, input_ids, attention_mask, labels):
+        decoder = self.model.get_decoder()
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return supervised_loss_sum(hidden, labels, self.model.get_output_embeddings(), self.chunk_size)

@@ -1,0 +1,92 @@
+"""Loading the base model and its tokenizer, with clear errors instead of hub tracebacks.
+
+`--model` is a local directory (what tests, CI and offline users pass) or a Hugging Face hub id
+(downloaded by transformers on first use). Both go through the same `from_pretrained` call.
+When the hub is unreachable we say how to pass a local directory instead.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .errors import UserError
+
+DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# transformers renamed `torch_dtype` to `dtype` in 4.56; support both sides of the rename.
+_DTYPE_KWARG = "dtype" if tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= (4, 56) else "torch_dtype"
+
+
+def _check_source(name_or_path: str) -> bool:
+    """True for a local directory; a missing path that clearly is a path is an error."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"model directory {path} has no config.json: is it a Hugging Face checkpoint?")
+        return True
+    # A hub id is `name` or `org/name`; anything else is meant as a path on this machine.
+    looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path
+    if path.exists() or looks_like_path:
+        raise UserError(f"model path {name_or_path} does not exist (or is not a directory)")
+    return False
+
+
+def _hub_error(name: str, e: Exception) -> UserError:
+    return UserError(
+        f"could not load {name!r} from the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+        f"If this machine is offline, download the model elsewhere and pass its local directory: "
+        f"--model /path/to/{name.rsplit('/', 1)[-1]}"
+    )
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    """The model's own tokenizer; a fast (Rust) one, since labels need character offsets."""
+    local = _check_source(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            name_or_path, trust_remote_code=trust_remote_code, local_files_only=local
+        )
+    except UserError:
+        raise
+    except Exception as e:
+        if local:
+            raise UserError(f"could not load a tokenizer from {name_or_path}: {e}") from None
+        raise _hub_error(name_or_path, e) from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise UserError(f"the tokenizer of {name_or_path} is not a fast tokenizer (tokenizer.json is needed)")
+    if tokenizer.pad_token_id is None:
+        # Padding positions are masked out of attention and loss, so any id will do.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    name_or_path: str,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+):
+    """`AutoModelForCausalLM.from_pretrained` in `dtype` on `device`, SDPA attention."""
+    local = _check_source(name_or_path)
+    kwargs = {_DTYPE_KWARG: dtype, "trust_remote_code": trust_remote_code, "local_files_only": local}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, attn_implementation="sdpa", **kwargs)
+    except (ValueError, ImportError) as e:
+        if "sdpa" not in str(e).lower():
+            raise UserError(f"could not load model {name_or_path}: {e}") from None
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as e:
+        if local:
+            raise UserError(f"could not load model {name_or_path}: {type(e).__name__}: {e}") from None
+        raise _hub_error(name_or_path, e) from None
+    model.to(device)
+    # The KV cache is for generation; during training it only costs memory.
+    model.config.use_cache = False
+    return model
