@@ -13,8 +13,9 @@ inserts the adapter name (`.default.`) only in memory, never in the file. Becaus
 and the config match, `peft.PeftModel.from_pretrained` reads our adapters and we read theirs.
 
 Our own tools need a little more (the prompt template used in training, so inference builds
-the identical prompt; the base model's shape, to refuse a mismatched base): that lives under
-one extra key, `qwen_lora`, which PEFT ignores.
+the identical prompt; the base model's shape, to refuse a mismatched base). PEFT warns about
+any key it does not know in `adapter_config.json`, so that lives in a third file beside it,
+`adapter_extra.json`, which PEFT never opens. Adapters without it (made by PEFT) load fine.
 
 Safety: we only ever read safetensors (no pickle, so no code can run from a downloaded file),
 and we write through a temporary file and `os.replace`, so a crash never leaves half a file.
@@ -38,7 +39,7 @@ from .inject import apply_lora, lora_layers
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
-EXTRA_KEY = "qwen_lora"
+EXTRA_FILE = "adapter_extra.json"
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -109,10 +110,25 @@ def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: str = "", e
         "fan_in_fan_out": False,
         "inference_mode": True,
         "init_lora_weights": True,
-        EXTRA_KEY: {"base_model_shape": model_shape(model), **(extra or {})},
     }
-    atomic_write_bytes(out_dir / ADAPTER_CONFIG, (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode())
+    atomic_write_bytes(out_dir / ADAPTER_CONFIG, _json_bytes(config))
+    atomic_write_bytes(out_dir / EXTRA_FILE, _json_bytes({"base_model_shape": model_shape(model), **(extra or {})}))
     return out_dir
+
+
+def _json_bytes(obj) -> bytes:
+    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode()
+
+
+def read_adapter_extra(adapter_dir) -> dict:
+    """Our sidecar (prompt format, stop tokens, base shape); {} for adapters made elsewhere."""
+    path = Path(adapter_dir) / EXTRA_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON: {e}") from None
 
 
 def _dropout_p(layer) -> float:
@@ -171,7 +187,7 @@ def load_adapter(model: nn.Module, adapter_dir, dropout: float | None = None) ->
     """
     config = read_adapter_config(adapter_dir)
     tensors = read_adapter_tensors(adapter_dir)
-    expected_shape = config.get(EXTRA_KEY, {}).get("base_model_shape", {})
+    expected_shape = read_adapter_extra(adapter_dir).get("base_model_shape", {})
     actual_shape = model_shape(model)
     for key, value in expected_shape.items():
         if key in actual_shape and actual_shape[key] != value:

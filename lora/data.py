@@ -112,10 +112,11 @@ class BadRow(Exception):
 def decode_bytes(raw: bytes, path, encoding: str | None = None) -> tuple[str, str]:
     """Decode a data file; returns (text, encoding name). Never uses the system default.
 
-    UTF-8 is tried first (a BOM is stripped). If it fails and everything before the first bad
-    byte was plain ASCII, the file is most likely GB18030/GBK, which is tried next. If the file
-    had valid multi-byte UTF-8 before the bad byte, it is a damaged UTF-8 file: we report the
-    byte offset rather than decode it into nonsense.
+    UTF-8 is tried first (a BOM is stripped), then GB18030 (a superset of GBK and GB2312).
+    GBK bytes sometimes happen to form valid UTF-8 for a character or two, but they never spell
+    Chinese in UTF-8; so if the text before the first bad byte decodes as mostly CJK characters,
+    the file is UTF-8 Chinese with a damaged byte, and we report its offset rather than decode
+    the whole file into nonsense.
     """
     if encoding:
         try:
@@ -131,10 +132,10 @@ def decode_bytes(raw: bytes, path, encoding: str | None = None) -> tuple[str, st
         return raw.decode("utf-8"), "utf-8"
     except UnicodeDecodeError as e:
         utf8_error = e
-    if not raw[: utf8_error.start].isascii():
+    if _mostly_cjk(raw[: utf8_error.start].decode("utf-8")):
         raise UserError(
             f"{path}: invalid UTF-8 at byte offset {utf8_error.start} "
-            f"(the file is UTF-8 before that point; is it damaged? --encoding forces another encoding)"
+            f"(the file is UTF-8 Chinese text before that point; is it damaged? --encoding forces another encoding)"
         )
     try:
         return raw.decode("gb18030"), "gb18030"
@@ -143,6 +144,12 @@ def decode_bytes(raw: bytes, path, encoding: str | None = None) -> tuple[str, st
             f"{path}: neither UTF-8 (bad byte at offset {utf8_error.start}) nor GB18030 "
             f"(bad byte at offset {e.start}); pass --encoding NAME"
         ) from None
+
+
+def _mostly_cjk(text: str) -> bool:
+    wide = [c for c in text if ord(c) > 127]
+    cjk = [c for c in wide if "\u3000" <= c <= "\u9fff" or "\uff00" <= c <= "\uffef"]
+    return len(cjk) >= 2 and len(cjk) >= 0.5 * len(wide)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .adapter import EXTRA_KEY, load_adapter, read_adapter_config
+from .adapter import load_adapter, read_adapter_config, read_adapter_extra
 from .data import Sample, Turn
 from .errors import UserError
 from .inject import lora_disabled, merge_lora, remove_lora
@@ -74,7 +74,7 @@ def load_for_inference(adapter_dir, model_override: str | None = None, device: s
     load_adapter(model, adapter_dir, dropout=0.0)
     model.eval()
     model.config.use_cache = True
-    extra = config.get(EXTRA_KEY, {})
+    extra = read_adapter_extra(adapter_dir)
     if "prompt_format" in extra:
         fmt = PromptFormat.from_dict(extra["prompt_format"])
     else:  # an adapter trained elsewhere (e.g. with peft): use the tokenizer's own template
@@ -156,7 +156,7 @@ def export_merged(adapter_dir, out_dir, model_override=None, trust_remote_code=F
     if saved_dtype != torch.float32:
         log(f"note: merged in fp32 and saved as {str(saved_dtype).replace('torch.', '')} like the base; "
             f"rounding makes logits differ slightly from base + adapter")
-    fmt = PromptFormat.from_dict(config.get(EXTRA_KEY, {}).get("prompt_format"))
+    fmt = PromptFormat.from_dict(read_adapter_extra(adapter_dir).get("prompt_format"))
     stops = stop_token_ids(tokenizer, fmt, model.generation_config)
     model.generation_config.eos_token_id = stops
     model.generation_config.pad_token_id = tokenizer.pad_token_id

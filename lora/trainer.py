@@ -180,9 +180,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     pad_multiple = 8 if device.type == "cuda" else 1
     steps_this_run = 0
 
+    plan, plan_epoch = None, None
     with stop.installed():
         while state["step"] < total_steps:
-            plan = global_batches(lengths, global_batch, cfg, state["epoch"], dist_info)
+            if plan_epoch != state["epoch"]:  # the epoch's batch order, deterministic by (seed, epoch)
+                plan, plan_epoch = global_batches(lengths, global_batch, cfg, state["epoch"], dist_info), state["epoch"]
             if state["batch_in_epoch"] >= len(plan):
                 state["epoch"] += 1
                 state["batch_in_epoch"] = 0
@@ -191,20 +193,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             micro = [collate([train_set[i] for i in my_slice(b, dist_info)], tokenizer.pad_token_id, pad_multiple) for b in window]
             t0 = time.perf_counter()
 
-            # Count the window's supervised tokens (all processes) *before* any backward pass.
-            n_window = all_reduce_sum(sum(count_supervised(m["labels"]) for m in micro), device)
-            loss_sum_total = 0.0
             try:
-                for k, mb in enumerate(micro):
-                    mb = {key: v.to(device, non_blocking=True) for key, v in mb.items()}
-                    sync = runner.no_sync() if dist_info.enabled and k < len(micro) - 1 else nullcontext()
-                    with sync:
-                        with autocast:
-                            loss_sum, _ = runner(mb["input_ids"], mb["attention_mask"], mb["labels"])
-                        # DDP averages gradients over processes; × world_size turns that into a sum.
-                        scaled = loss_sum * (dist_info.world_size / n_window)
-                        (scaler.scale(scaled) if scaler else scaled).backward()
-                    loss_sum_total += float(loss_sum.detach())
+                loss_sum_total, n_window = backward_window(runner, micro, device, autocast, scaler, dist_info.world_size)
             except torch.cuda.OutOfMemoryError:
                 raise UserError(oom_message(cfg)) from None
 
@@ -284,6 +274,29 @@ def train(cfg: TrainConfig) -> TrainResult:
         log(f"adapter saved to {out}/ ({ADAPTER_WEIGHTS}, {ADAPTER_CONFIG}); try it: python infer.py --adapter {out} --prompt \"...\"")
     barrier()
     return TrainResult(out, state["step"], last_loss, val_loss, history)
+
+
+def backward_window(runner, micro: list[dict], device, autocast, scaler, world_size: int = 1) -> tuple[float, float]:
+    """Accumulate the gradient of one optimizer step over its micro-batches.
+
+    The gradient left in `.grad` is that of  Σ token losses / N  over the whole window, N being
+    the window's supervised tokens on all processes. N is counted *before* any backward pass, so
+    each micro-batch can be divided by it as it goes. Returns (this process's loss sum, N).
+    """
+    n_window = all_reduce_sum(sum(count_supervised(m["labels"]) for m in micro), device)
+    loss_sum_total = 0.0
+    for k, mb in enumerate(micro):
+        mb = {key: v.to(device, non_blocking=True) for key, v in mb.items()}
+        # Under DDP, gradients are exchanged only after the window's last micro-batch.
+        sync = runner.no_sync() if world_size > 1 and k < len(micro) - 1 else nullcontext()
+        with sync:
+            with autocast:
+                loss_sum, _ = runner(mb["input_ids"], mb["attention_mask"], mb["labels"])
+            # DDP averages gradients over processes; × world_size turns that into a sum.
+            scaled = loss_sum * (world_size / n_window)
+            (scaler.scale(scaled) if scaler else scaled).backward()
+        loss_sum_total += float(loss_sum.detach())
+    return loss_sum_total, n_window
 
 
 # ---------------------------------------------------------------------------------------------
