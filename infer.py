@@ -49,8 +49,10 @@ def run(args) -> int:
     import torch
 
     from lora import generate as gen
+    from lora.adapter import read_adapter_config
     from lora.data import read_dataset
 
+    read_adapter_config(args.adapter)  # a missing or broken adapter is the first thing to report
     if args.export:
         path = gen.export_merged(args.adapter, args.export, args.model, args.trust_remote_code)
         print(f"merged model written to {path}: load it with AutoModelForCausalLM.from_pretrained('{path}')")

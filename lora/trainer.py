@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from .adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, atomic_write_bytes, save_adapter
+from .adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXTRA_FILE, atomic_write_bytes, save_adapter
 from .batching import collate, padding_ratio, plan_batches
 from .data import read_dataset
 from .distributed import DistInfo, all_reduce_sum, any_rank, barrier, init_distributed
@@ -190,8 +190,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                 state["batch_in_epoch"] = 0
                 continue
             window = plan[state["batch_in_epoch"] : state["batch_in_epoch"] + cfg.grad_accum]
-            micro = [collate([train_set[i] for i in my_slice(b, dist_info)], tokenizer.pad_token_id, pad_multiple) for b in window]
             t0 = time.perf_counter()
+            micro = [collate([train_set[i] for i in my_slice(b, dist_info)], tokenizer.pad_token_id, pad_multiple) for b in window]
 
             try:
                 loss_sum_total, n_window = backward_window(runner, micro, device, autocast, scaler, dist_info.world_size)
@@ -233,7 +233,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             real_tokens = all_reduce_sum(sum(int(m["attention_mask"].sum()) for m in micro), device)
             record = {
                 "step": state["step"], "epoch": state["epoch"], "loss": loss_value, "lr": scheduler.get_last_lr()[0],
-                "grad_norm": grad_norm, "tokens_per_s": real_tokens / dt, "supervised_tokens": int(n_window),
+                "grad_norm": grad_norm, "tokens_per_s": real_tokens / dt, "real_tokens": int(real_tokens),
+                "supervised_tokens": int(n_window), "step_time_s": dt,
             }
             if cfg.eval_every and state["step"] % cfg.eval_every == 0 and val_set and state["step"] < total_steps:
                 record.update(evaluate_and_keep_best(model, loss_module, val_set, cfg, tokenizer, device, autocast, dist_info, state, out, adapter_kwargs, log))
@@ -356,7 +357,7 @@ def clean_output_dir(out: Path) -> None:
     for p in out.iterdir():
         if p.name.startswith(("checkpoint-", ".tmp-checkpoint-")) or p.name == "best":
             shutil.rmtree(p, ignore_errors=True)
-        elif p.name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, "train_args.json", "metrics.jsonl", "loss_curve.png"):
+        elif p.name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, EXTRA_FILE, "train_args.json", "metrics.jsonl", "loss_curve.png"):
             p.unlink()
 
 

@@ -1,0 +1,59 @@
+"""torchrun (DDP, gloo on CPU): 2 processes give the adapter of 1 process with the same global batch."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, overfit_rows, write_json
+
+COMMON = ["--targets", "all-linear", "--rank", "4", "--alpha", "8", "--dropout", "0", "--lr", "1e-2", "--warmup", "0",
+          "--grad-accum", "2", "--max-steps", "4", "--seed", "3", "--no-progress"]
+
+
+def run(args, nproc=None):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else [sys.executable]
+    p = subprocess.run(launcher + [str(ROOT / "train.py"), *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    return p
+
+
+def assert_same_adapter(a_dir, b_dir, atol):
+    a, b = load_file(a_dir / "adapter_model.safetensors"), load_file(b_dir / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_models, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    # 19 rows of varied length: the last global batch is partial, and lengths differ within batches.
+    rows = overfit_rows(19)
+    data = write_json(tmp / "rows.json", rows)
+    return tmp, ["--model", str(tiny_models["qwen2"]), "--data", str(data)] + COMMON
+
+
+def test_two_processes_equal_one_process_with_the_same_global_batch(setup):
+    tmp, args = setup
+    single = run(args + ["--output", str(tmp / "single"), "--batch-size", "4"])
+    ddp = run(args + ["--output", str(tmp / "ddp"), "--batch-size", "2"], nproc=2)
+    assert "2 processes (torchrun)" in ddp.stdout and "effective batch: 8 rows" in ddp.stdout
+    assert ddp.stdout.count("adapter saved to") == 1  # only rank 0 saves and logs
+    assert "effective batch: 8 rows" in single.stdout
+    assert_same_adapter(tmp / "single", tmp / "ddp", atol=1e-5)
+
+
+def test_resume_under_torchrun_equals_an_uninterrupted_torchrun_run(setup):
+    tmp, args = setup
+    if not (tmp / "ddp").is_dir():
+        run(args + ["--output", str(tmp / "ddp"), "--batch-size", "2"], nproc=2)
+    out = str(tmp / "ddp-resumed")
+    run(args + ["--output", out, "--batch-size", "2", "--stop-after-steps", "2"], nproc=2)
+    assert (tmp / "ddp-resumed" / "checkpoint-2" / "rng_state_rank1.pt").is_file()
+    run(args + ["--output", out, "--batch-size", "2", "--resume", "auto"], nproc=2)
+    assert_same_adapter(tmp / "ddp", tmp / "ddp-resumed", atol=1e-6)
