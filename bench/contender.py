@@ -8,7 +8,7 @@ users would otherwise run:
   ours          lora/ exactly as train.py runs it (length-grouped batches, supervised-only loss)
   peft-trainer  peft LoRA + transformers Trainer, DataCollatorForSeq2Seq dynamic padding
   tutorial      peft LoRA + Trainer with every row padded to max_length, as the tutorials do
-Each measures optimizer steps 2..N (step 1 warms up), real (non-padding) and supervised tokens,
+Each measures all its optimizer steps (one epoch over the same rows), real and supervised tokens,
 peak memory, and at the end the token-averaged loss of its adapter on the same held-out rows.
 """
 
@@ -63,7 +63,7 @@ def run_ours(spec, device):
     )
     result = train(cfg)
     peak = peak_memory_mb(device)  # before the held-out evaluation loads anything more
-    timed = result.history[1:]
+    timed = result.history
     model = _reload_with_adapter(spec, out, device)
     return {
         "peak_memory_mb": peak,
@@ -136,11 +136,11 @@ def run_peft_trainer(spec, device, pad_to_max: bool):
     trainer.train()
     peak = peak_memory_mb(device)
     accum = spec["grad_accum"]
-    timed = seen[accum: spec["steps"] * accum]
+    timed = seen[: spec["steps"] * accum]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {
         "peak_memory_mb": peak,
-        "seconds": sum(b - a for a, b in times[1:]),
+        "seconds": sum(b - a for a, b in times),
         "real_tokens": sum(t for t, _ in timed),
         "supervised_tokens": sum(s for _, s in timed),
         "end_train_loss": losses[-1] if losses else None,

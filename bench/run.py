@@ -81,6 +81,9 @@ def prepare(args, workdir: Path) -> dict:
 
     samples, _ = read_dataset(args.data)
     random.Random(args.seed).shuffle(samples)
+    # One epoch: every contender sees every row exactly once (so each meets the longest row,
+    # which decides peak activation memory), and they all process the same tokens.
+    args.rows = args.steps * 4 * 2
     train, heldout = samples[: args.rows], samples[args.rows : args.rows + args.heldout]
     tokenizer = load_tokenizer(args.model)
     fmt = PromptFormat("chat")
@@ -117,8 +120,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None, help=f"checkpoint dir (default {REAL_MODEL})")
     p.add_argument("--config", default=None, help="random-init model from ../shared/models/configs/NAME instead")
     p.add_argument("--data", default=str(DEFAULT_DATA))
-    p.add_argument("--steps", type=int, default=4, help="optimizer steps per contender (step 1 is warm-up, not timed)")
-    p.add_argument("--rows", type=int, default=64)
+    p.add_argument("--steps", type=int, default=4, help="optimizer steps per contender: exactly one epoch over steps × 8 rows")
     p.add_argument("--heldout", type=int, default=16)
     p.add_argument("--max-len", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
@@ -167,7 +169,7 @@ def main(argv=None) -> int:
         f"## Benchmark, {device_name}, {date}",
         "",
         f"Model `{Path(args.model).name}`, {args.rows} rows of `{Path(args.data).name}` (mean {spec['mean_len']:.0f} tokens), "
-        f"{args.steps} optimizer steps (step 1 untimed), batch 4 × accumulation 2, r=8, α=16, q/v, lr 2e-4, max length {args.max_len}. "
+        f"{args.steps} optimizer steps (one epoch, all timed), batch 4 × accumulation 2, r=8, α=16, q/v, lr 2e-4, max length {args.max_len}. "
         f"Matmul peak measured in the same run: {peak / 1e9:.0f} GFLOP/s. torch {torch.__version__}, {platform.python_version()}.",
         "",
         "| contender | real tokens/s | supervised tokens/s | peak memory (MB) | train loss at end | held-out loss | utilization |",

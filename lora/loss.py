@@ -34,7 +34,13 @@ import torch.nn.functional as F
 
 from .prompt import IGNORE_INDEX
 
-DEFAULT_CHUNK = 1024
+# Rows per chunk are chosen so one chunk of fp32 logits is about 128 MB (2^25 floats):
+# ~220 rows for Qwen's 151,936-token vocabulary.
+CHUNK_FLOATS = 2**25
+
+
+def auto_chunk_size(vocab_size: int) -> int:
+    return max(16, CHUNK_FLOATS // vocab_size)
 
 
 def shift_for_next_token(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,7 +65,7 @@ class SupervisedCrossEntropy(torch.autograd.Function):
             log_z = torch.logsumexp(logits, dim=-1)
             total += (log_z - logits.gather(1, y[:, None]).squeeze(1)).sum()
             if grad_h is not None:
-                probs = torch.exp(logits - log_z[:, None])  # softmax, reusing log Z
+                probs = logits.sub_(log_z[:, None]).exp_()  # softmax in place: one (chunk, vocab) buffer
                 probs[torch.arange(y.shape[0], device=y.device), y] -= 1.0
                 grad_h[start : start + chunk_size] = (probs.to(weight.dtype) @ weight).to(h.dtype)
         if grad_h is not None:
@@ -72,9 +78,10 @@ class SupervisedCrossEntropy(torch.autograd.Function):
         return grad_h * grad_output.to(grad_h.dtype), None, None, None, None
 
 
-def supervised_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, lm_head: torch.nn.Linear, chunk_size: int = DEFAULT_CHUNK):
+def supervised_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, lm_head: torch.nn.Linear, chunk_size: int | None = None):
     """(sum of next-token CE over supervised positions, number of those positions)."""
     h, targets = shift_for_next_token(hidden, labels)
+    chunk_size = chunk_size or auto_chunk_size(lm_head.weight.shape[0])
     if lm_head.weight.requires_grad:
         raise ValueError("supervised_loss_sum assumes a frozen lm_head")
     if h.shape[0] == 0:
@@ -97,7 +104,7 @@ class CausalLMLoss(torch.nn.Module):
     wrap it: DDP only synchronises gradients for work done inside the wrapped forward.
     """
 
-    def __init__(self, model, chunk_size: int = DEFAULT_CHUNK):
+    def __init__(self, model, chunk_size: int | None = None):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size

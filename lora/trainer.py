@@ -85,7 +85,7 @@ class TrainConfig:
     log_every: int = 1
     stop_after_steps: int | None = None
     group_by_length: bool = True
-    loss_chunk: int = 1024
+    loss_chunk: int | None = None  # rows of logits per chunk; None sizes it from the vocabulary
     progress: bool = True
     device: str = "auto"
 
@@ -115,7 +115,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     log = print if dist_info.is_main else (lambda *a, **k: None)
     out = Path(cfg.output)
 
-    resume_from = check_output_dir(out, cfg)
+    resume_from = check_output_dir(out, cfg, clean=dist_info.is_main)
+    barrier()
     if resume_from == "finished":
         log(f"{out} holds a finished run ({read_finished_steps(out)} steps); nothing to resume. Use --overwrite to train again.")
         return TrainResult(out, read_finished_steps(out), None, None)
@@ -168,9 +169,14 @@ def train(cfg: TrainConfig) -> TrainResult:
         out.mkdir(parents=True, exist_ok=True)
         write_train_args(out, cfg, data_summary, report, state, finished=False)
     metrics_path = out / "metrics.jsonl"
-    history = read_history(metrics_path) if resume_from is not None else []
-    if resume_from is None and dist_info.is_main and metrics_path.exists():
+    # On resume, keep the metrics up to the checkpoint; steps logged after it (before a crash)
+    # will be trained again and logged again.
+    history = [r for r in read_history(metrics_path) if r["step"] <= state["step"]] if resume_from is not None else []
+    if dist_info.is_main and metrics_path.exists():
         metrics_path.unlink()
+        for record in history:
+            append_jsonl(metrics_path, record)
+    barrier()
 
     stop = StopFlag()
     autocast = torch.autocast(device.type, dtype=DTYPES[precision], enabled=precision != "fp32")
@@ -319,14 +325,18 @@ def resolve_device_and_precision(precision: str, device: str = "auto") -> tuple[
     return torch.device("cuda"), precision
 
 
-def check_output_dir(out: Path, cfg: TrainConfig):
-    """Decide what to do with an existing output dir: None (fresh), a checkpoint path, or 'finished'."""
+def check_output_dir(out: Path, cfg: TrainConfig, clean: bool = True):
+    """Decide what to do with an existing output dir: None (fresh), a checkpoint path, or 'finished'.
+
+    `clean`: whether this process may delete a previous run (`--overwrite`); only process 0 does.
+    """
     args = _json(out / "train_args.json")
     finished = bool(args.get("finished"))
     done_steps = args.get("state", {}).get("step", 0)
     checkpoints = ckpt.list_checkpoints(out)
     if cfg.overwrite:
-        clean_output_dir(out)
+        if clean:
+            clean_output_dir(out)
         return None
     if cfg.resume and cfg.resume != "auto":
         path = Path(cfg.resume)
