@@ -36,6 +36,13 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def standard_init_models(tmp_path_factory) -> dict[str, Path]:
+    """Tiny models with the usual 0.02 init (weights of realistic size), for fp32 numerics."""
+    base = tmp_path_factory.mktemp("tiny-std")
+    return {arch: build_tiny_model(base / arch, arch, FIXTURE_TEXTS, initializer_range=0.02) for arch in ("qwen2", "qwen3")}
+
+
+@pytest.fixture(scope="session")
 def qwen2_dir(tiny_models) -> Path:
     return tiny_models["qwen2"]
 

@@ -58,14 +58,17 @@ def test_after_optimizer_steps_only_lora_moved_and_base_is_bitwise_unchanged(arc
             assert not torch.equal(p, lora[n]), n
 
 
-def test_merge_all_equals_unmerged_and_unmerge_restores(arch_dir):
-    model = load_model(str(arch_dir))
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_merge_all_equals_unmerged_and_unmerge_restores(standard_init_models, arch):
+    model = load_model(str(standard_init_models[arch]))
     base_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = ids(model.config.vocab_size)
+    base_logits = model(x).logits
     apply_lora(model, "all-linear", r=4, alpha=8, dropout=0.0)
     for layer in lora_layers(model).values():
         torch.nn.init.normal_(layer.lora_B.weight, std=0.05)
-    x = ids(model.config.vocab_size)
     unmerged = model(x).logits
+    assert (unmerged - base_logits).abs().max() > 1e-3  # the adapter really changes the model
     merge_lora(model)
     merge_lora(model)  # a second merge is a no-op
     torch.testing.assert_close(model(x).logits, unmerged, atol=1e-5, rtol=0)

@@ -79,7 +79,8 @@ def build_tokenizer(texts, out_dir, vocab_size: int = 1000, arch: str = "qwen2")
     return hf
 
 
-def build_tiny_model(out_dir, arch: str = "qwen2", texts=None, hidden_size: int = 64, layers: int = 2, seed: int = 0):
+def build_tiny_model(out_dir, arch: str = "qwen2", texts=None, hidden_size: int = 64, layers: int = 2, seed: int = 0,
+                     initializer_range: float = 0.2):
     """Save a random-init tiny `arch` model plus tokenizer into `out_dir`; returns the path."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
@@ -102,7 +103,7 @@ def build_tiny_model(out_dir, arch: str = "qwen2", texts=None, hidden_size: int 
         tie_word_embeddings=False,
         # Real checkpoints have output rows of large norm; with the usual 0.02 init and hidden
         # size 64, every logit stays below ~1.3 and no adapter could ever fit the data.
-        initializer_range=0.2,
+        initializer_range=initializer_range,
         bos_token_id=eot,
         eos_token_id=im_end,
         pad_token_id=eot,
