@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import json
 import math
-from contextlib import nullcontext
+import random
+import shutil
 import signal
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -360,8 +362,6 @@ def read_finished_steps(out: Path) -> int:
 
 def clean_output_dir(out: Path) -> None:
     """Remove what a previous run wrote (only our own files: the user may keep others there)."""
-    import shutil
-
     if not out.is_dir():
         return
     for p in out.iterdir():
@@ -394,8 +394,6 @@ def prepare_data(cfg: TrainConfig, tokenizer, fmt: PromptFormat, log):
         n_val = int(round(cfg.val_size * len(samples))) if cfg.val_size < 1 else int(cfg.val_size)
         if not 0 < n_val < len(samples):
             raise UserError(f"--val-size {cfg.val_size} leaves no training or no validation rows ({len(samples)} rows)")
-        import random
-
         order = list(range(len(samples)))
         random.Random(cfg.seed).shuffle(order)
         val_idx = set(order[:n_val])

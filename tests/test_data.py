@@ -162,3 +162,23 @@ def test_real_shared_datasets_read_with_every_row_accounted_for(name):
     assert report.kept > 0.5 * report.rows_read
     if name.endswith(".csv"):
         assert report.encoding == "gb18030" and report.duplicates >= 378
+
+
+def test_malformed_csv_row_and_tsv(tmp_path):
+    text = "question,answer\nq1,a1\nq2,a2,extra\nq3,a3\n"
+    samples, report = read_dataset(write(tmp_path, "m.csv", text))
+    assert len(samples) == 2 and report.skipped == {"malformed CSV row (wrong number of fields)": 1}
+    assert report.skipped_rows["malformed CSV row (wrong number of fields)"] == [2]
+    samples, report = read_dataset(write(tmp_path, "t.tsv", "prompt\tresponse\n问\t答\n"))
+    assert report.container == "TSV" and samples[0].turns[0] == Turn("问", "答")
+
+
+def test_unknown_role_and_conversation_without_answer_are_counted(tmp_path):
+    rows = [
+        {"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "x"}]},
+        {"messages": [{"role": "user", "content": "only a question"}]},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+    ]
+    samples, report = read_dataset(write(tmp_path, "r.jsonl", "\n".join(json.dumps(r) for r in rows)))
+    assert len(samples) == 1
+    assert report.skipped == {"unknown role 'tool'": 1, "no assistant turn": 1}
