@@ -180,7 +180,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             append_jsonl(metrics_path, record)
     barrier()
 
-    stop = StopFlag()
+    stop = StopFlag(escalate=not dist_info.enabled)
     autocast = torch.autocast(device.type, dtype=DTYPES[precision], enabled=precision != "fp32")
     bar = progress_bar(cfg, dist_info, total_steps, state["step"])
     bad_steps = 0
@@ -637,14 +637,17 @@ def oom_message(cfg) -> str:
 class StopFlag:
     """Ctrl-C / SIGTERM set a flag; the loop saves a checkpoint at the next step boundary.
 
-    A second Ctrl-C stops at once (the previous checkpoint is still valid).
+    A second Ctrl-C stops at once (the previous checkpoint is still valid), except under
+    torchrun: there a terminal's Ctrl-C reaches each worker twice (from the terminal and
+    forwarded by torchrun), and the second one must not cancel the save.
     """
 
-    def __init__(self):
+    def __init__(self, escalate: bool = True):
         self.requested = False
+        self.escalate = escalate
 
     def _handler(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
+        if self.requested and signum == signal.SIGINT and self.escalate:
             raise KeyboardInterrupt
         self.requested = True
         print(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step...", file=sys.stderr)

@@ -57,3 +57,29 @@ def test_resume_under_torchrun_equals_an_uninterrupted_torchrun_run(setup):
     assert (tmp / "ddp-resumed" / "checkpoint-2" / "rng_state_rank1.pt").is_file()
     run(args + ["--output", out, "--batch-size", "2", "--resume", "auto"], nproc=2)
     assert_same_adapter(tmp / "ddp", tmp / "ddp-resumed", atol=1e-6)
+
+
+def test_ctrl_c_under_torchrun_saves_once_and_resumes(setup):
+    """Ctrl-C in a terminal signals the whole process group: torchrun and both workers."""
+    import signal
+    import time
+
+    tmp, args = setup
+    out = tmp / "ddp-interrupted"
+    long_args = args + ["--max-steps", "100000"]  # the last --max-steps wins
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(ROOT / "train.py"), *long_args, "--output", str(out), "--batch-size", "2"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    while not (out / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=300)
+    checkpoints = list(out.glob("checkpoint-*"))
+    assert len(checkpoints) == 1, stdout + stderr[-3000:]
+    assert stdout.count("interrupted: saved") == 1
+    assert (checkpoints[0] / "rng_state_rank0.pt").is_file() and (checkpoints[0] / "rng_state_rank1.pt").is_file()
+    assert "KeyboardInterrupt" not in stderr
+    step = int(checkpoints[0].name.split("-")[1])
+    run(args + ["--output", str(out), "--batch-size", "2", "--resume", "auto", "--max-steps", str(step + 1)], nproc=2)
