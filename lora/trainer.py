@@ -293,7 +293,7 @@ def backward_window(runner, micro: list[dict], device, autocast, scaler, world_s
     each micro-batch can be divided by it as it goes. Returns (this process's loss sum, N).
     """
     n_window = all_reduce_sum(sum(count_supervised(m["labels"]) for m in micro), device)
-    loss_sum_total = 0.0
+    loss_sum_total = torch.zeros((), device=device)  # summed on the device: one host sync per step
     for k, mb in enumerate(micro):
         mb = {key: v.to(device, non_blocking=True) for key, v in mb.items()}
         # Under DDP, gradients are exchanged only after the window's last micro-batch.
@@ -304,8 +304,8 @@ def backward_window(runner, micro: list[dict], device, autocast, scaler, world_s
             # DDP averages gradients over processes; × world_size turns that into a sum.
             scaled = loss_sum * (world_size / n_window)
             (scaler.scale(scaled) if scaler else scaled).backward()
-        loss_sum_total += float(loss_sum.detach())
-    return loss_sum_total, n_window
+        loss_sum_total += loss_sum.detach()
+    return float(loss_sum_total), n_window
 
 
 # ---------------------------------------------------------------------------------------------
