@@ -51,6 +51,7 @@ def run(args) -> int:
     from lora import generate as gen
     from lora.adapter import read_adapter_config
     from lora.data import read_dataset
+    from lora.inject import merge_lora
 
     read_adapter_config(args.adapter)  # a missing or broken adapter is the first thing to report
     if args.export:
@@ -75,8 +76,8 @@ def run(args) -> int:
 
     torch.manual_seed(args.seed)
     loaded = gen.load_for_inference(args.adapter, args.model, args.device, args.dtype, args.trust_remote_code)
-    if args.merge:
-        gen.merge_for_speed(loaded)
+    if args.merge:  # fold LoRA into the weights: same answers, no adapter cost per token
+        merge_lora(loaded.model)
     settings = gen.GenerationSettings(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.repetition_penalty)
 
     if question:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as save_tensors
 from torch import nn
 
 from .errors import UserError
@@ -84,16 +84,7 @@ def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: str = "", e
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    tensors = adapter_state_dict(model)
-    # safetensors' save_file writes to a path; write beside the target and rename into place.
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{ADAPTER_WEIGHTS}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-        os.replace(tmp, out_dir / ADAPTER_WEIGHTS)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_bytes(out_dir / ADAPTER_WEIGHTS, save_tensors(adapter_state_dict(model), metadata={"format": "pt"}))
 
     config = {
         "peft_type": "LORA",

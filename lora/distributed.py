@@ -47,18 +47,18 @@ def init_distributed(device_type: str) -> DistInfo:
     return info
 
 
-def all_reduce_sum(value: float | int, device) -> float:
-    """Sum a number over all processes (the number itself when not distributed)."""
+def all_reduce_sums(values: list[float], device) -> list[float]:
+    """Sum each number over all processes, in one collective (the numbers themselves when alone)."""
     if not (dist.is_available() and dist.is_initialized()):
-        return value
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.item()
+    return t.tolist()
 
 
-def any_rank(flag: bool, device) -> bool:
-    """True if `flag` is true on any process: everyone then takes the same branch."""
-    return all_reduce_sum(1.0 if flag else 0.0, device) > 0
+def all_reduce_sum(value: float, device) -> float:
+    """Sum one number over all processes."""
+    return all_reduce_sums([value], device)[0]
 
 
 def barrier() -> None:

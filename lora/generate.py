@@ -17,7 +17,7 @@ import torch
 from .adapter import load_adapter, read_adapter_config, read_adapter_extra
 from .data import Sample, Turn
 from .errors import UserError
-from .inject import lora_disabled, merge_lora, remove_lora
+from .inject import lora_disabled, remove_lora
 from .model import DTYPES, load_model, load_tokenizer
 from .prompt import PromptFormat, encode_prompt, stop_token_ids
 
@@ -130,11 +130,6 @@ def generate_compare(loaded: LoadedAdapter, samples, settings) -> list[dict]:
     with lora_disabled(loaded.model):
         base = generate_batch(loaded, samples, settings)
     return [{"base": b, "tuned": t} for b, t in zip(base, tuned)]
-
-
-def merge_for_speed(loaded: LoadedAdapter) -> None:
-    """Fold the adapters into the weights: same answers, no adapter cost per token."""
-    merge_lora(loaded.model)
 
 
 def export_merged(adapter_dir, out_dir, model_override=None, trust_remote_code=False, log=print) -> Path:

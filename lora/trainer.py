@@ -36,7 +36,7 @@ from . import checkpoint as ckpt
 from .adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXTRA_FILE, atomic_write_bytes, save_adapter
 from .batching import collate, padding_ratio, plan_batches
 from .data import read_dataset
-from .distributed import DistInfo, all_reduce_sum, any_rank, barrier, init_distributed
+from .distributed import DistInfo, all_reduce_sum, all_reduce_sums, barrier, init_distributed
 from .errors import UserError
 from .inject import apply_lora, lora_parameters
 from .loss import CausalLMLoss, count_supervised
@@ -144,7 +144,13 @@ def train(cfg: TrainConfig) -> TrainResult:
     # Rows per optimizer step across all processes; each process takes its slice of a batch.
     global_batch = cfg.batch_size * dist_info.world_size
     lengths = [len(e.input_ids) for e in train_set]
-    batches_per_epoch = len(global_batches(lengths, global_batch, cfg, 0, dist_info))
+    first_plan = global_batches(lengths, global_batch, cfg, 0, dist_info)
+    batches_per_epoch = len(first_plan)
+    dropped = len(train_set) - sum(len(b) for b in first_plan)
+    if dropped:
+        data_summary["rows_skipped_per_epoch_under_torchrun"] = dropped
+        log(f"note: each epoch skips one batch of {dropped} row(s): fewer rows than the {dist_info.world_size} "
+            f"processes (a different batch each epoch, since the order is reshuffled)")
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     scheduler = warmup_cosine(optimizer, warmup_steps(cfg.warmup, total_steps), total_steps)
@@ -206,7 +212,12 @@ def train(cfg: TrainConfig) -> TrainResult:
             except torch.cuda.OutOfMemoryError:
                 raise UserError(oom_message(cfg)) from None
 
-            loss_value = all_reduce_sum(loss_sum_total, device) / n_window
+            # One collective for everything the processes must agree on: the window's loss, its
+            # real tokens (for tokens/s), and whether any process was asked to stop.
+            local_tokens = sum(int(m["attention_mask"].sum()) for m in micro)
+            loss_total, real_tokens, stop_votes = all_reduce_sums([loss_sum_total, local_tokens, stop.requested], device)
+            loss_value = loss_total / n_window
+            interrupted = stop_votes > 0
             if scaler:
                 scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
@@ -238,7 +249,6 @@ def train(cfg: TrainConfig) -> TrainResult:
             steps_this_run += 1
 
             dt = time.perf_counter() - t0
-            real_tokens = all_reduce_sum(sum(int(m["attention_mask"].sum()) for m in micro), device)
             record = {
                 "step": state["step"], "epoch": state["epoch"], "loss": loss_value, "lr": scheduler.get_last_lr()[0],
                 "grad_norm": grad_norm, "tokens_per_s": real_tokens / dt, "real_tokens": int(real_tokens),
@@ -253,7 +263,6 @@ def train(cfg: TrainConfig) -> TrainResult:
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
                 bar.update(1)
 
-            interrupted = any_rank(stop.requested, device)
             stop_now = cfg.stop_after_steps and steps_this_run >= cfg.stop_after_steps and state["step"] < total_steps
             if (cfg.save_every and state["step"] % cfg.save_every == 0) or interrupted or stop_now:
                 path = save_checkpoint(out, model, optimizer, scheduler, scaler, state, adapter_kwargs, cfg, dist_info)
@@ -525,7 +534,7 @@ def evaluate(loss_module, val_set, cfg, tokenizer, device, autocast, dist_info) 
         total += float(loss_sum)
         count += n
     loss_module.model.train()
-    total, count = all_reduce_sum(total, device), all_reduce_sum(count, device)
+    total, count = all_reduce_sums([total, count], device)
     return total / max(count, 1)
 
 

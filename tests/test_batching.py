@@ -46,3 +46,18 @@ def test_collate_pads_right_and_masks_padding_by_position():
     assert batch["labels"][0].tolist() == [IGNORE_INDEX, 6, 7] + [IGNORE_INDEX] * 5
     assert batch["labels"][1, 4] == 2 and batch["attention_mask"][1, 4] == 1
     assert batch["input_ids"].dtype == torch.long
+
+
+def test_under_torchrun_only_a_batch_smaller_than_the_world_is_dropped_and_every_rank_gets_rows():
+    from lora.distributed import DistInfo
+    from lora.trainer import TrainConfig, global_batches, my_slice
+
+    cfg = TrainConfig(seed=0)
+    ls = lengths(n=9)
+    batches = global_batches(ls, 8, cfg, 0, DistInfo(rank=0, world_size=4))
+    assert sum(len(b) for b in batches) == 8  # the 1-row batch cannot feed 4 processes
+    kept = global_batches(ls, 6, cfg, 0, DistInfo(rank=0, world_size=2))
+    assert sum(len(b) for b in kept) == 9  # a 3-row batch still feeds 2 processes
+    for batch in kept:
+        slices = [my_slice(batch, DistInfo(rank=r, world_size=2)) for r in range(2)]
+        assert all(slices) and sorted(i for s in slices for i in s) == sorted(batch)

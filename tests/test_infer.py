@@ -40,14 +40,15 @@ def test_prompt_gives_the_training_answer_and_stops(trained):
 
 
 def test_merge_gives_the_same_greedy_tokens(trained):
-    from lora.generate import GenerationSettings, generate_batch, load_for_inference, merge_for_speed, single_turn
+    from lora.generate import GenerationSettings, generate_batch, load_for_inference, single_turn
+    from lora.inject import merge_lora
 
     adapter, rows = trained
     loaded = load_for_inference(adapter)
     questions = [single_turn(r["instruction"]) for r in rows[:4]]
     settings = GenerationSettings(max_new_tokens=40)
     unmerged = generate_batch(loaded, questions, settings)
-    merge_for_speed(loaded)
+    merge_lora(loaded.model)
     merged = generate_batch(loaded, questions, settings)
     assert [r["answer"] for r in merged] == [r["answer"] for r in unmerged]
     assert [r["answer"] for r in unmerged] == [r["output"] for r in rows[:4]]  # batched, left-padded
