@@ -15,22 +15,51 @@ from lora.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Generate with a LoRA adapter trained by train.py (or by peft).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--adapter", required=True, help="adapter directory (train.py's --output, or out/best)")
-    p.add_argument("--model", default=None, help="base model (default: the one recorded in the adapter)")
+    p = argparse.ArgumentParser(
+        description="Generate with a LoRA adapter trained by train.py (or by peft).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--adapter", required=True, help="adapter directory (train.py's --output, or out/best)"
+    )
+    p.add_argument(
+        "--model", default=None, help="base model (default: the one recorded in the adapter)"
+    )
     q = p.add_argument_group("what to ask")
     q.add_argument("--prompt", default=None, help="one question")
     q.add_argument("--instruction", default=None, help="Alpaca-style instruction (with --input)")
     q.add_argument("--input", default="", help="Alpaca-style input for --instruction")
-    q.add_argument("--file", default=None, help="questions file (any format train.py reads; answers become references)")
-    q.add_argument("--output", default=None, help="with --file: write answers here as JSONL (default: stdout)")
-    q.add_argument("--chat", action="store_true", help="interactive chat reading standard input, even without a terminal")
+    q.add_argument(
+        "--file",
+        default=None,
+        help="questions file (any format train.py reads; answers become references)",
+    )
+    q.add_argument(
+        "--output", default=None, help="with --file: write answers here as JSONL (default: stdout)"
+    )
+    q.add_argument(
+        "--chat",
+        action="store_true",
+        help="interactive chat reading standard input, even without a terminal",
+    )
     q.add_argument("--columns", default=None, help="with --file: column mapping as in train.py")
     m = p.add_argument_group("modes")
-    m.add_argument("--compare", action="store_true", help="show the base model's answer beside the fine-tuned one")
-    m.add_argument("--merge", action="store_true", help="merge LoRA into the weights before generating (faster, same answers)")
-    m.add_argument("--export", default=None, metavar="DIR", help="write a merged standalone HF checkpoint to DIR")
+    m.add_argument(
+        "--compare",
+        action="store_true",
+        help="show the base model's answer beside the fine-tuned one",
+    )
+    m.add_argument(
+        "--merge",
+        action="store_true",
+        help="merge LoRA into the weights before generating (faster, same answers)",
+    )
+    m.add_argument(
+        "--export",
+        default=None,
+        metavar="DIR",
+        help="write a merged standalone HF checkpoint to DIR",
+    )
     g = p.add_argument_group("generation")
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -38,9 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--batch-size", type=int, default=8, help="questions per generate call with --file")
+    g.add_argument(
+        "--batch-size", type=int, default=8, help="questions per generate call with --file"
+    )
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="base weights' dtype (auto: bf16 on GPU, fp32 on CPU)")
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="base weights' dtype (auto: bf16 on GPU, fp32 on CPU)",
+    )
     g.add_argument("--trust-remote-code", action="store_true")
     return p
 
@@ -56,14 +92,18 @@ def run(args) -> int:
     read_adapter_config(args.adapter)  # a missing or broken adapter is the first thing to report
     if args.export:
         path = gen.export_merged(args.adapter, args.export, args.model, args.trust_remote_code)
-        print(f"merged model written to {path}: load it with AutoModelForCausalLM.from_pretrained('{path}')")
+        print(
+            f"merged model written to {path}: load it with AutoModelForCausalLM.from_pretrained('{path}')"
+        )
         if not (args.prompt or args.instruction or args.file or args.chat):
             return 0
 
     question = args.prompt or args.instruction
     interactive = args.chat or (not question and not args.file and sys.stdin.isatty())
     if not question and not args.file and not interactive:
-        raise UserError("nothing to ask: give --prompt, --instruction, --file or --chat (standard input is not a terminal)")
+        raise UserError(
+            "nothing to ask: give --prompt, --instruction, --file or --chat (standard input is not a terminal)"
+        )
     if args.merge and args.compare:
         raise UserError("--merge and --compare do not combine: compare needs the adapter separate")
 
@@ -75,21 +115,30 @@ def run(args) -> int:
             print(line, file=sys.stderr)
 
     torch.manual_seed(args.seed)
-    loaded = gen.load_for_inference(args.adapter, args.model, args.device, args.dtype, args.trust_remote_code)
+    loaded = gen.load_for_inference(
+        args.adapter, args.model, args.device, args.dtype, args.trust_remote_code
+    )
     if args.merge:  # fold LoRA into the weights: same answers, no adapter cost per token
         merge_lora(loaded.model)
-    settings = gen.GenerationSettings(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.repetition_penalty)
+    settings = gen.GenerationSettings(
+        args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.repetition_penalty
+    )
 
     if question:
         sample = gen.single_turn(question, args.input if args.instruction else "")
         if args.compare:
             (r,) = gen.generate_compare(loaded, [sample], settings)
-            print(f"=== base model ===\n{r['base']['answer']}\n=== fine-tuned ===\n{r['tuned']['answer']}")
+            print(
+                f"=== base model ===\n{r['base']['answer']}\n=== fine-tuned ===\n{r['tuned']['answer']}"
+            )
         else:
             (r,) = gen.generate_batch(loaded, [sample], settings)
             print(r["answer"])
             if not r["stopped"]:
-                print(f"[stopped at --max-new-tokens {args.max_new_tokens} without an end token]", file=sys.stderr)
+                print(
+                    f"[stopped at --max-new-tokens {args.max_new_tokens} without an end token]",
+                    file=sys.stderr,
+                )
     if args.file:
         answer_file(loaded, questions, settings, args)
     if interactive:
@@ -103,20 +152,36 @@ def answer_file(loaded, questions, settings, args) -> None:
     from lora import generate as gen
     from lora.data import Sample, Turn
 
-    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115 (stdout or a file)
     try:
-        for start in tqdm(range(0, len(questions), args.batch_size), desc="answering", unit="batch", file=sys.stderr):
+        for start in tqdm(
+            range(0, len(questions), args.batch_size),
+            desc="answering",
+            unit="batch",
+            file=sys.stderr,
+        ):
             batch = questions[start : start + args.batch_size]
             # The last turn is the question; its recorded answer (if any) is the reference.
-            asks = [Sample(s.turns[:-1] + (Turn(s.turns[-1].user, "", s.turns[-1].user_input),), s.system, s.row) for s in batch]
+            asks = [
+                Sample(
+                    s.turns[:-1] + (Turn(s.turns[-1].user, "", s.turns[-1].user_input),),
+                    s.system,
+                    s.row,
+                )
+                for s in batch
+            ]
             if args.compare:
                 results = gen.generate_compare(loaded, asks, settings)
             else:
                 results = [{"tuned": r} for r in gen.generate_batch(loaded, asks, settings)]
             for s, r in zip(batch, results):
                 last = s.turns[-1]
-                line = {"row": s.row, "prompt": f"{last.user}\n{last.user_input}".strip(), "reference": last.assistant or None,
-                        "answer": r["tuned"]["answer"]}
+                line = {
+                    "row": s.row,
+                    "prompt": f"{last.user}\n{last.user_input}".strip(),
+                    "reference": last.assistant or None,
+                    "answer": r["tuned"]["answer"],
+                }
                 if "base" in r:
                     line["base_answer"] = r["base"]["answer"]
                 out.write(json.dumps(line, ensure_ascii=False) + "\n")
@@ -153,7 +218,9 @@ def chat(loaded, settings) -> None:
             print("(history cleared)", file=sys.stderr)
             continue
         print("model> ", end="", flush=True)
-        (r,) = gen.generate_batch(loaded, [Sample(tuple(history) + (Turn(text, ""),))], settings, streamer=streamer)
+        (r,) = gen.generate_batch(
+            loaded, [Sample(tuple(history) + (Turn(text, ""),))], settings, streamer=streamer
+        )
         history.append(Turn(text, r["answer"]))
 
 

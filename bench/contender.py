@@ -56,10 +56,24 @@ def run_ours(spec, device):
 
     out = Path(spec["workdir"]) / "ours"
     cfg = TrainConfig(
-        model=spec["model"], data=spec["train_file"], output=str(out), overwrite=True, targets="q_proj,v_proj",
-        rank=8, alpha=16, dropout=0.0, batch_size=spec["batch_size"], grad_accum=spec["grad_accum"], lr=spec["lr"],
-        warmup=0, max_steps=spec["steps"], max_len=spec["max_len"], seed=spec["seed"], progress=False,
-        template="chat", device="cuda" if device.type == "cuda" else "cpu",
+        model=spec["model"],
+        data=spec["train_file"],
+        output=str(out),
+        overwrite=True,
+        targets="q_proj,v_proj",
+        rank=8,
+        alpha=16,
+        dropout=0.0,
+        batch_size=spec["batch_size"],
+        grad_accum=spec["grad_accum"],
+        lr=spec["lr"],
+        warmup=0,
+        max_steps=spec["steps"],
+        max_len=spec["max_len"],
+        seed=spec["seed"],
+        progress=False,
+        template="chat",
+        device="cuda" if device.type == "cuda" else "cpu",
     )
     result = train(cfg)
     peak = peak_memory_mb(device)  # before the held-out evaluation loads anything more
@@ -79,37 +93,70 @@ def _reload_with_adapter(spec, adapter_dir, device):
     from lora.adapter import load_adapter
     from lora.model import load_model
 
-    model = load_model(spec["model"], torch.bfloat16 if device.type == "cuda" else torch.float32, device)
+    model = load_model(
+        spec["model"], torch.bfloat16 if device.type == "cuda" else torch.float32, device
+    )
     load_adapter(model, adapter_dir, dropout=0.0)
     return model
 
 
 def run_peft_trainer(spec, device, pad_to_max: bool):
     from peft import LoraConfig, get_peft_model
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainerCallback,
-                              TrainingArguments)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=dtype, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(
+        spec["model"], dtype=dtype, attn_implementation="sdpa"
+    )
     model.config.use_cache = False
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=8,
+            lora_alpha=16,
+            lora_dropout=0.0,
+            target_modules=["q_proj", "v_proj"],
+            task_type="CAUSAL_LM",
+        ),
+    )
 
     rows = spec["train_rows"]
     if pad_to_max:  # the tutorial recipe: tokenizer(..., padding="max_length", max_length=512)
         L, pad = spec["max_len"], tokenizer.pad_token_id
-        rows = [{"input_ids": r["input_ids"] + [pad] * (L - len(r["input_ids"])),
-                 "attention_mask": [1] * len(r["input_ids"]) + [0] * (L - len(r["input_ids"])),
-                 "labels": r["labels"] + [-100] * (L - len(r["labels"]))} for r in rows]
+        rows = [
+            {
+                "input_ids": r["input_ids"] + [pad] * (L - len(r["input_ids"])),
+                "attention_mask": [1] * len(r["input_ids"]) + [0] * (L - len(r["input_ids"])),
+                "labels": r["labels"] + [-100] * (L - len(r["labels"])),
+            }
+            for r in rows
+        ]
     else:
-        rows = [{"input_ids": r["input_ids"], "attention_mask": [1] * len(r["input_ids"]), "labels": r["labels"]} for r in rows]
+        rows = [
+            {
+                "input_ids": r["input_ids"],
+                "attention_mask": [1] * len(r["input_ids"]),
+                "labels": r["labels"],
+            }
+            for r in rows
+        ]
 
     seen = []  # per micro-batch: (real tokens, supervised tokens), in the order the Trainer draws them
     base_collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
 
     def collator(features):
         batch = base_collator(features)
-        seen.append((int(batch["attention_mask"].sum()), int((batch["labels"][:, 1:] != -100).sum())))
+        seen.append(
+            (int(batch["attention_mask"].sum()), int((batch["labels"][:, 1:] != -100).sum()))
+        )
         return batch
 
     times = []
@@ -126,13 +173,28 @@ def run_peft_trainer(spec, device, pad_to_max: bool):
             times[-1][1] = time.perf_counter()
 
     args = TrainingArguments(
-        output_dir=str(Path(spec["workdir"]) / ("tutorial" if pad_to_max else "peft")), per_device_train_batch_size=spec["batch_size"],
-        gradient_accumulation_steps=spec["grad_accum"], learning_rate=spec["lr"], max_steps=spec["steps"], warmup_steps=0,
-        lr_scheduler_type="cosine", max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to=[], seed=spec["seed"],
-        dataloader_num_workers=0, remove_unused_columns=False, use_cpu=device.type != "cuda", bf16=device.type == "cuda",
-        optim="adamw_torch_fused" if device.type == "cuda" else "adamw_torch", disable_tqdm=True,
+        output_dir=str(Path(spec["workdir"]) / ("tutorial" if pad_to_max else "peft")),
+        per_device_train_batch_size=spec["batch_size"],
+        gradient_accumulation_steps=spec["grad_accum"],
+        learning_rate=spec["lr"],
+        max_steps=spec["steps"],
+        warmup_steps=0,
+        lr_scheduler_type="cosine",
+        max_grad_norm=1.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=spec["seed"],
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        use_cpu=device.type != "cuda",
+        bf16=device.type == "cuda",
+        optim="adamw_torch_fused" if device.type == "cuda" else "adamw_torch",
+        disable_tqdm=True,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator, callbacks=[Timer()])
+    trainer = Trainer(
+        model=model, args=args, train_dataset=rows, data_collator=collator, callbacks=[Timer()]
+    )
     trainer.train()
     peak = peak_memory_mb(device)
     accum = spec["grad_accum"]
@@ -157,7 +219,9 @@ def main() -> int:
     spec = json.loads(Path(args.spec).read_text(encoding="utf-8"))
     torch.manual_seed(spec["seed"])
     torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
-    device = torch.device("cuda" if torch.cuda.is_available() and spec.get("device", "auto") != "cpu" else "cpu")
+    device = torch.device(
+        "cuda" if torch.cuda.is_available() and spec.get("device", "auto") != "cpu" else "cpu"
+    )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     if args.name == "ours":

@@ -53,8 +53,16 @@ def flops_per_token(model_dir, mean_len) -> float:
     """≈ 4 × matmul parameters (forward + input-gradient backward; frozen weights get no weight
     gradient) + attention score/value FLOPs at the mean row length."""
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    h, layers, inter, vocab = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"], cfg["vocab_size"]
-    heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+    h, layers, inter, vocab = (
+        cfg["hidden_size"],
+        cfg["num_hidden_layers"],
+        cfg["intermediate_size"],
+        cfg["vocab_size"],
+    )
+    heads, kv = (
+        cfg["num_attention_heads"],
+        cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
+    )
     head_dim = cfg.get("head_dim") or h // heads
     per_layer = h * heads * head_dim * 2 + h * kv * head_dim * 2 + 3 * h * inter
     matmul_params = layers * per_layer + h * vocab
@@ -89,38 +97,81 @@ def prepare(args, workdir: Path) -> dict:
     fmt = PromptFormat("chat")
     encoded = [encode_sample(s, fmt, tokenizer, args.max_len) for s in train]
     train_file = workdir / "rows.json"
-    train_file.write_text(json.dumps([
-        {"instruction": s.turns[0].user, "input": s.turns[0].user_input, "output": s.turns[0].assistant} for s in train
-    ], ensure_ascii=False), encoding="utf-8")
+    train_file.write_text(
+        json.dumps(
+            [
+                {
+                    "instruction": s.turns[0].user,
+                    "input": s.turns[0].user_input,
+                    "output": s.turns[0].assistant,
+                }
+                for s in train
+            ],
+            ensure_ascii=False,
+        ),
+        encoding="utf-8",
+    )
     held = [encode_sample(s, fmt, tokenizer, args.max_len) for s in heldout]
     return {
-        "model": str(args.model), "train_file": str(train_file), "workdir": str(workdir), "seed": args.seed,
-        "steps": args.steps, "batch_size": 4, "grad_accum": 2, "lr": 2e-4, "max_len": args.max_len,
+        "model": str(args.model),
+        "train_file": str(train_file),
+        "workdir": str(workdir),
+        "seed": args.seed,
+        "steps": args.steps,
+        "batch_size": 4,
+        "grad_accum": 2,
+        "lr": 2e-4,
+        "max_len": args.max_len,
         "train_rows": [{"input_ids": e.input_ids, "labels": e.labels} for e in encoded],
         "heldout": [{"input_ids": e.input_ids, "labels": e.labels} for e in held],
-        "device": args.device, "mean_len": statistics.mean(len(e.input_ids) for e in encoded),
+        "device": args.device,
+        "mean_len": statistics.mean(len(e.input_ids) for e in encoded),
     }
 
 
 def run_contender(name, spec_path, workdir) -> dict:
     result_path = workdir / f"{name}.json"
-    cmd = [sys.executable, str(ROOT / "bench/contender.py"), name, "--spec", str(spec_path), "--result", str(result_path)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench/contender.py"),
+        name,
+        "--spec",
+        str(spec_path),
+        "--result",
+        str(result_path),
+    ]
     t = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    p = subprocess.run(
+        cmd, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1")
+    )
     if p.returncode != 0:
         raise SystemExit(f"{name} failed:\n{p.stderr[-3000:]}")
     result = json.loads(result_path.read_text())
     result["wall_s"] = time.perf_counter() - t
-    print(f"  {name}: {result['real_tokens'] / result['seconds']:.1f} real tokens/s, wall {result['wall_s']:.0f}s", flush=True)
+    print(
+        f"  {name}: {result['real_tokens'] / result['seconds']:.1f} real tokens/s, wall {result['wall_s']:.0f}s",
+        flush=True,
+    )
     return result
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default=None, help=f"checkpoint dir (default {REAL_MODEL})")
-    p.add_argument("--config", default=None, help="random-init model from ../shared/models/configs/NAME instead")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="random-init model from ../shared/models/configs/NAME instead",
+    )
     p.add_argument("--data", default=str(DEFAULT_DATA))
-    p.add_argument("--steps", type=int, default=4, help="optimizer steps per contender: exactly one epoch over steps × 8 rows")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=4,
+        help="optimizer steps per contender: exactly one epoch over steps × 8 rows",
+    )
     p.add_argument("--heldout", type=int, default=16)
     p.add_argument("--max-len", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
@@ -134,8 +185,10 @@ def main(argv=None) -> int:
         args.model = str(build_random_model(args.config, workdir))
     args.model = args.model or str(REAL_MODEL)
     if not Path(args.model, "config.json").is_file():
-        raise SystemExit(f"no model at {args.model}: run `PYTHON=.venv/bin/python ../shared/tools/get_real_qwen.sh` "
-                         f"or pass --model DIR / --config NAME")
+        raise SystemExit(
+            f"no model at {args.model}: run `PYTHON=.venv/bin/python ../shared/tools/get_real_qwen.sh` "
+            f"or pass --model DIR / --config NAME"
+        )
     if not Path(args.data).is_file():
         raise SystemExit(f"no data at {args.data} (needs ../shared, or pass --data)")
 
@@ -145,8 +198,11 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
     peak = matmul_peak_flops(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     fpt = flops_per_token(args.model, spec["mean_len"])
-    print(f"benchmark on {device}: {args.steps} steps × batch 4 × accum 2, max_len {args.max_len}, "
-          f"matmul peak {peak / 1e9:.0f} GFLOP/s", flush=True)
+    print(
+        f"benchmark on {device}: {args.steps} steps × batch 4 × accum 2, max_len {args.max_len}, "
+        f"matmul peak {peak / 1e9:.0f} GFLOP/s",
+        flush=True,
+    )
 
     results = {}
     for name in args.contenders.split(","):
@@ -155,16 +211,26 @@ def main(argv=None) -> int:
         r["supervised_tokens_per_s"] = r["supervised_tokens"] / r["seconds"]
         r["utilization"] = fpt * r["real_tokens_per_s"] / peak
 
-    device_name = (torch.cuda.get_device_name() if device.type == "cuda" else f"cpu-{os.cpu_count()}cores").replace(" ", "_")
+    device_name = (
+        torch.cuda.get_device_name() if device.type == "cuda" else f"cpu-{os.cpu_count()}cores"
+    ).replace(" ", "_")
     date = datetime.date.today().isoformat()
-    command = "python bench/run.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = "python bench/run.py " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
+    )
     ratios = {}
     if "ours" in results:
         for other in ("peft-trainer", "tutorial"):
             if other in results:
-                ratios[f"ours/{other} real tokens/s"] = results["ours"]["real_tokens_per_s"] / results[other]["real_tokens_per_s"]
-                ratios[f"ours/{other} peak memory"] = results["ours"]["peak_memory_mb"] / results[other]["peak_memory_mb"]
-                ratios[f"ours/{other} held-out loss"] = results["ours"]["heldout_loss"] / results[other]["heldout_loss"]
+                ratios[f"ours/{other} real tokens/s"] = (
+                    results["ours"]["real_tokens_per_s"] / results[other]["real_tokens_per_s"]
+                )
+                ratios[f"ours/{other} peak memory"] = (
+                    results["ours"]["peak_memory_mb"] / results[other]["peak_memory_mb"]
+                )
+                ratios[f"ours/{other} held-out loss"] = (
+                    results["ours"]["heldout_loss"] / results[other]["heldout_loss"]
+                )
     lines = [
         f"## Benchmark, {device_name}, {date}",
         "",
@@ -176,19 +242,39 @@ def main(argv=None) -> int:
         "|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
-        lines.append(f"| {name} | {r['real_tokens_per_s']:.1f} | {r['supervised_tokens_per_s']:.1f} | {r['peak_memory_mb']:.0f} | "
-                     f"{r['end_train_loss']:.4f} | {r['heldout_loss']:.4f} | {100 * r['utilization']:.1f}% |")
-    lines += ["", *[f"- {k}: **{v:.2f}×**" for k, v in ratios.items()], "", f"Command: `{command}`", ""]
+        lines.append(
+            f"| {name} | {r['real_tokens_per_s']:.1f} | {r['supervised_tokens_per_s']:.1f} | {r['peak_memory_mb']:.0f} | "
+            f"{r['end_train_loss']:.4f} | {r['heldout_loss']:.4f} | {100 * r['utilization']:.1f}% |"
+        )
+    lines += [
+        "",
+        *[f"- {k}: **{v:.2f}×**" for k, v in ratios.items()],
+        "",
+        f"Command: `{command}`",
+        "",
+    ]
     table = "\n".join(lines)
     print(table)
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"{device_name}-{date}"
     stem.with_suffix(".md").write_text(table, encoding="utf-8")
-    stem.with_suffix(".json").write_text(json.dumps({
-        "device": device_name, "date": date, "command": command, "matmul_peak_flops": peak, "flops_per_token": fpt,
-        "spec": {k: v for k, v in spec.items() if k not in ("train_rows", "heldout")}, "results": results, "ratios": ratios,
-    }, indent=2), encoding="utf-8")
+    stem.with_suffix(".json").write_text(
+        json.dumps(
+            {
+                "device": device_name,
+                "date": date,
+                "command": command,
+                "matmul_peak_flops": peak,
+                "flops_per_token": fpt,
+                "spec": {k: v for k, v in spec.items() if k not in ("train_rows", "heldout")},
+                "results": results,
+                "ratios": ratios,
+            },
+            indent=2,
+        ),
+        encoding="utf-8",
+    )
     print(f"written {stem}.md and .json")
     return 0
 

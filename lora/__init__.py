@@ -1,33 +1,47 @@
 """LoRA fine-tuning for Qwen models, in plain PyTorch.
 
 Reading order (each file holds one idea):
-    layer.py      LoRALinear: h = W0 x + (α/r) · B A x, merge/unmerge
-    inject.py     putting LoRALinear into a model, freezing the rest
-    adapter.py    saving/loading adapters in PEFT's safetensors format
-    model.py      loading the base model and tokenizer
-    data.py       reading instruction files (JSON/JSONL/CSV, encodings, schemas, bad rows)
-    prompt.py     prompt templates and label masking (what the model learns to say)
-    batching.py   length-grouped batches with dynamic padding
-    loss.py       shifted cross-entropy on supervised positions only, chunked
-    schedule.py   learning-rate warmup + cosine decay
-    checkpoint.py saving/resuming the full training state atomically
-    trainer.py    the training loop: precision, accumulation, evaluation, checkpoints
-    generate.py   inference: prompts, stop tokens, streaming, export of a merged model
-    distributed.py torchrun/DDP helpers
+    layer.py       LoRALinear: h = W0 x + (α/r) · B A x, merge/unmerge
+    inject.py      putting LoRALinear into a model, freezing the rest
+    adapter.py     saving/loading adapters in PEFT's safetensors format
+    model.py       loading the base model and tokenizer
+    fileformat.py  bytes to records: encodings, JSON/JSONL/CSV containers
+    data.py        records to conversations: schemas, bad rows, what was kept
+    prompt.py      prompt templates and label masking (what the model learns to say)
+    prepare.py     the training set: split, tokenize, summarize
+    batching.py    length-grouped batches with dynamic padding, epoch by epoch
+    loss.py        shifted cross-entropy on supervised positions only, chunked
+    schedule.py    learning-rate warmup + cosine decay
+    precision.py   device and precision: fp32, bf16, fp16 + GradScaler
+    config.py      every setting of a run and its default
+    trainer.py     the training loop: accumulation, the optimizer step, the run's shape
+    evaluate.py    validation loss, exact across processes; keeping the best adapter
+    checkpoint.py  saving/resuming the full training state atomically
+    rundir.py      the output directory: fresh, resume or finished; train_args.json
+    metrics.py     metrics.jsonl, the loss plot, the progress bar, the startup summary
+    distributed.py torchrun/DDP helpers and stop signals
+    generate.py    inference: prompts, stop tokens, export of a merged model
+
+Importing `lora` is cheap: the names below load their module (and torch) on first use.
 """
 
-from .adapter import load_adapter, save_adapter
-from .errors import UserError
-from .inject import apply_lora, lora_parameters, merge_lora, unmerge_lora
-from .layer import LoRALinear
+import importlib
 
-__all__ = [
-    "LoRALinear",
-    "UserError",
-    "apply_lora",
-    "load_adapter",
-    "lora_parameters",
-    "merge_lora",
-    "save_adapter",
-    "unmerge_lora",
-]
+_EXPORTS = {
+    "LoRALinear": "layer",
+    "UserError": "errors",
+    "apply_lora": "inject",
+    "lora_parameters": "inject",
+    "merge_lora": "inject",
+    "unmerge_lora": "inject",
+    "load_adapter": "adapter",
+    "save_adapter": "adapter",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'lora' has no attribute {name!r}")

@@ -64,7 +64,9 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, module in lora_layers(model).items():
         for part in ("lora_A", "lora_B"):
             weight = getattr(module, part).weight
-            tensors[f"{PEFT_PREFIX}{name}.{part}.weight"] = weight.detach().float().contiguous().cpu()
+            tensors[f"{PEFT_PREFIX}{name}.{part}.weight"] = (
+                weight.detach().float().contiguous().cpu()
+            )
     return tensors
 
 
@@ -75,7 +77,9 @@ def model_shape(model: nn.Module) -> dict:
     return {k: getattr(config, k) for k in keys if config is not None and hasattr(config, k)}
 
 
-def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: str = "", extra: dict | None = None) -> Path:
+def save_adapter(
+    model: nn.Module, out_dir, base_model_name_or_path: str = "", extra: dict | None = None
+) -> Path:
     """Write `adapter_model.safetensors` and `adapter_config.json` (PEFT format) into `out_dir`."""
     layers = lora_layers(model)
     if not layers:
@@ -84,7 +88,10 @@ def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: str = "", e
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    atomic_write_bytes(out_dir / ADAPTER_WEIGHTS, save_tensors(adapter_state_dict(model), metadata={"format": "pt"}))
+    atomic_write_bytes(
+        out_dir / ADAPTER_WEIGHTS,
+        save_tensors(adapter_state_dict(model), metadata={"format": "pt"}),
+    )
 
     config = {
         "peft_type": "LORA",
@@ -103,7 +110,9 @@ def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: str = "", e
         "init_lora_weights": True,
     }
     atomic_write_bytes(out_dir / ADAPTER_CONFIG, _json_bytes(config))
-    atomic_write_bytes(out_dir / EXTRA_FILE, _json_bytes({"base_model_shape": model_shape(model), **(extra or {})}))
+    atomic_write_bytes(
+        out_dir / EXTRA_FILE, _json_bytes({"base_model_shape": model_shape(model), **(extra or {})})
+    )
     return out_dir
 
 
@@ -160,11 +169,13 @@ def read_adapter_tensors(adapter_dir) -> dict[str, torch.Tensor]:
     path = Path(adapter_dir) / ADAPTER_WEIGHTS
     if not path.is_file():
         if (Path(adapter_dir) / "adapter_model.bin").is_file():
-            raise UserError(f"{adapter_dir} has only adapter_model.bin (pickle); convert it to safetensors")
+            raise UserError(
+                f"{adapter_dir} has only adapter_model.bin (pickle); convert it to safetensors"
+            )
         raise UserError(f"{adapter_dir} is not an adapter directory: {ADAPTER_WEIGHTS} is missing")
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safetensors file, not a dict)
     except Exception as e:  # safetensors raises its own error types for truncated/garbled files
         raise UserError(f"{path} is corrupt or truncated and cannot be read ({e})") from None
 
@@ -215,5 +226,7 @@ def load_adapter(model: nn.Module, adapter_dir, dropout: float | None = None) ->
         for name, module in lora_layers(model).items():
             for part in ("lora_A", "lora_B"):
                 weight = getattr(module, part).weight
-                weight.copy_(tensors[f"{PEFT_PREFIX}{name}.{part}.weight"].to(weight.device, weight.dtype))
+                weight.copy_(
+                    tensors[f"{PEFT_PREFIX}{name}.{part}.weight"].to(weight.device, weight.dtype)
+                )
     return config

@@ -25,7 +25,9 @@ from .prompt import IGNORE_INDEX
 MEGA_BATCH_FACTOR = 50
 
 
-def plan_batches(lengths: list[int], batch_size: int, seed: int, epoch: int = 0, group_by_length: bool = True) -> list[list[int]]:
+def plan_batches(
+    lengths: list[int], batch_size: int, seed: int, epoch: int = 0, group_by_length: bool = True
+) -> list[list[int]]:
     """Row indices of every batch of one epoch, in training order."""
     rng = random.Random(seed * 1_000_003 + epoch)
     order = list(range(len(lengths)))

@@ -56,7 +56,9 @@ def write_rank_rng(tmp: Path, rank: int) -> None:
     torch.save(rng_state(), tmp / f"rng_state_rank{rank}.pt")
 
 
-def begin_checkpoint(output_dir, step, model, optimizer, scheduler, scaler, trainer_state: dict, adapter_kwargs: dict) -> Path:
+def begin_checkpoint(
+    output_dir, step, model, optimizer, scheduler, scaler, trainer_state: dict, adapter_kwargs: dict
+) -> Path:
     """Main process: write adapter + optimizer state into the temporary directory."""
     tmp = tmp_dir_for(output_dir, step)
     if tmp.exists():
@@ -85,7 +87,9 @@ def finalize_checkpoint(output_dir, step: int) -> Path:
 
 
 def is_valid_checkpoint(path: Path) -> bool:
-    return all((path / f).is_file() for f in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, STATE_FILE, TRAINER_STATE))
+    return all(
+        (path / f).is_file() for f in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, STATE_FILE, TRAINER_STATE)
+    )
 
 
 def list_checkpoints(output_dir) -> list[Path]:
@@ -121,5 +125,7 @@ def load_checkpoint_state(ckpt: Path, rank: int, map_location) -> tuple[dict, di
         raise UserError(f"{ckpt} is not a complete checkpoint")
     state = torch.load(ckpt / STATE_FILE, map_location=map_location, weights_only=True)
     rng_file = ckpt / f"rng_state_rank{rank}.pt"
-    rng = torch.load(rng_file, map_location="cpu", weights_only=True) if rng_file.is_file() else None
+    rng = (
+        torch.load(rng_file, map_location="cpu", weights_only=True) if rng_file.is_file() else None
+    )
     return state, rng

@@ -21,15 +21,12 @@ counted under its reason, with the first few row numbers, so a user always learn
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
+from .fileformat import BadRow, decode_bytes, parse_records
 
 
 @dataclass(frozen=True)
@@ -88,7 +85,11 @@ class ReadReport:
         out = [
             f"data {self.path}: {self.container}, {self.encoding}; rows read {self.rows_read}, "
             f"kept {self.kept}, skipped {sum(self.skipped.values())}"
-            + (f" (schemas: {', '.join(f'{k} {v}' for k, v in self.schemas.items())})" if self.schemas else "")
+            + (
+                f" (schemas: {', '.join(f'{k} {v}' for k, v in self.schemas.items())})"
+                if self.schemas
+                else ""
+            )
         ]
         for reason, n in self.skipped.most_common():
             rows = ", ".join(map(str, self.skipped_rows[reason]))
@@ -101,143 +102,32 @@ class ReadReport:
         return out
 
 
-class BadRow(Exception):
-    """Raised inside row parsing; carries the skip reason."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Bytes -> text
-
-
-def decode_bytes(raw: bytes, path, encoding: str | None = None) -> tuple[str, str]:
-    """Decode a data file; returns (text, encoding name). Never uses the system default.
-
-    UTF-8 is tried first (a BOM is stripped), then GB18030 (a superset of GBK and GB2312).
-    GBK bytes sometimes happen to form valid UTF-8 for a character or two, but they never spell
-    Chinese in UTF-8; so if the text before the first bad byte decodes as mostly CJK characters,
-    the file is UTF-8 Chinese with a damaged byte, and we report its offset rather than decode
-    the whole file into nonsense.
-    """
-    if encoding:
-        try:
-            return raw.decode(encoding), encoding
-        except (UnicodeDecodeError, LookupError) as e:
-            raise UserError(f"{path}: cannot decode as {encoding}: {e}") from None
-    if raw.startswith(b"\xef\xbb\xbf"):
-        try:
-            return raw[3:].decode("utf-8"), "utf-8-sig"
-        except UnicodeDecodeError as e:
-            raise UserError(f"{path}: invalid UTF-8 at byte offset {e.start + 3} (file starts with a UTF-8 BOM)") from None
-    try:
-        return raw.decode("utf-8"), "utf-8"
-    except UnicodeDecodeError as e:
-        utf8_error = e
-    if _mostly_cjk(raw[: utf8_error.start].decode("utf-8")):
-        raise UserError(
-            f"{path}: invalid UTF-8 at byte offset {utf8_error.start} "
-            f"(the file is UTF-8 Chinese text before that point; is it damaged? --encoding forces another encoding)"
-        )
-    try:
-        return raw.decode("gb18030"), "gb18030"
-    except UnicodeDecodeError as e:
-        raise UserError(
-            f"{path}: neither UTF-8 (bad byte at offset {utf8_error.start}) nor GB18030 "
-            f"(bad byte at offset {e.start}); pass --encoding NAME"
-        ) from None
-
-
-def _mostly_cjk(text: str) -> bool:
-    wide = [c for c in text if ord(c) > 127]
-    cjk = [c for c in wide if "\u3000" <= c <= "\u9fff" or "\uff00" <= c <= "\uffef"]
-    return len(cjk) >= 2 and len(cjk) >= 0.5 * len(wide)
-
-
-# ---------------------------------------------------------------------------------------------
-# Text -> raw records (dicts), with their row numbers
-
-
-def parse_records(text: str, path, report: ReadReport) -> list[tuple[int, object]]:
-    """Split decoded text into (row number, record) pairs, deciding the container from content."""
-    stripped = text.lstrip()
-    if not stripped:
-        raise UserError(f"{path} is empty")
-    if stripped[0] == "[":
-        report.container = "JSON array"
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-        return list(enumerate(data, start=1))
-    if stripped[0] == "{":
-        try:
-            whole = json.loads(text)
-        except json.JSONDecodeError:
-            whole = None
-        if isinstance(whole, dict):
-            lists = [v for v in whole.values() if isinstance(v, list) and v and isinstance(v[0], dict)]
-            if len(lists) == 1 and not _looks_like_row(whole):
-                report.container = "JSON object with a list of rows"
-                return list(enumerate(lists[0], start=1))
-            report.container = "JSON (one row)"
-            return [(1, whole)]
-        report.container = "JSON Lines"
-        records = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append((lineno, json.loads(line)))
-            except json.JSONDecodeError:
-                records.append((lineno, BadRow("malformed JSON line")))
-        return records
-    return _parse_csv(text, path, report)
-
-
-def _looks_like_row(obj: dict) -> bool:
-    return any(k in obj for k in ("instruction", "output", "messages", "conversations", "conversation"))
-
-
-def _parse_csv(text: str, path, report: ReadReport) -> list[tuple[int, object]]:
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    sample = text[:8192]
-    try:
-        dialect = csv.Sniffer().sniff(sample, delimiters=",\t;|")
-        delimiter = dialect.delimiter
-    except csv.Error:
-        delimiter = ","
-    report.container = "TSV" if delimiter == "\t" else "CSV"
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    try:
-        header = [h.strip() for h in next(reader)]
-    except StopIteration:
-        raise UserError(f"{path} is empty") from None
-    if len(header) < 2 or len(set(header)) != len(header):
-        raise UserError(f"{path}: not JSON, and its first line is not a CSV header with distinct column names")
-    records = []
-    for rowno, values in enumerate(reader, start=1):
-        if not any(v.strip() for v in values):
-            continue
-        if len(values) != len(header):
-            records.append((rowno, BadRow("malformed CSV row (wrong number of fields)")))
-        else:
-            records.append((rowno, dict(zip(header, values))))
-    return records
-
-
 # ---------------------------------------------------------------------------------------------
 # Records -> Samples
 
 
 ROLE_ALIASES = {
-    "user": "user", "human": "user", "question": "user",
-    "assistant": "assistant", "gpt": "assistant", "bot": "assistant", "model": "assistant", "chatgpt": "assistant",
+    "user": "user",
+    "human": "user",
+    "question": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "bot": "assistant",
+    "model": "assistant",
+    "chatgpt": "assistant",
     "system": "system",
 }
 
 # Flat schemas recognised without --columns: (prompt column, response column), matched case-insensitively.
 KNOWN_FLAT_PAIRS = [
-    ("prompt", "response"), ("question", "answer"), ("query", "response"), ("ask", "answer"),
-    ("question", "response"), ("input", "output"), ("prompt", "completion"), ("query", "answer"),
+    ("prompt", "response"),
+    ("question", "answer"),
+    ("query", "response"),
+    ("ask", "answer"),
+    ("question", "response"),
+    ("input", "output"),
+    ("prompt", "completion"),
+    ("query", "answer"),
 ]
 
 
@@ -245,7 +135,12 @@ def parse_columns(spec: str | None) -> dict[str, list[str]] | None:
     """`"prompt=Question,response=Complex_CoT+Response"` -> {"prompt": [...], "response": [...]}."""
     if not spec:
         return None
-    aliases = {"instruction": "prompt", "output": "response", "answer": "response", "question": "prompt"}
+    aliases = {
+        "instruction": "prompt",
+        "output": "response",
+        "answer": "response",
+        "question": "prompt",
+    }
     mapping: dict[str, list[str]] = {}
     for part in spec.split(","):
         if "=" not in part:
@@ -253,7 +148,9 @@ def parse_columns(spec: str | None) -> dict[str, list[str]] | None:
         key, cols = (s.strip() for s in part.split("=", 1))
         key = aliases.get(key, key)
         if key not in ("prompt", "input", "response", "system"):
-            raise UserError(f"--columns: unknown field {key!r}; use prompt, input, response, system")
+            raise UserError(
+                f"--columns: unknown field {key!r}; use prompt, input, response, system"
+            )
         mapping[key] = [c.strip() for c in cols.split("+") if c.strip()]
     if "prompt" not in mapping or "response" not in mapping:
         raise UserError("--columns needs at least prompt=... and response=...")
@@ -280,13 +177,20 @@ def _text(value, what: str, required: bool = True) -> str:
 
 def _from_alpaca(rec: dict, questions: bool = False) -> Sample:
     return Sample(
-        turns=(Turn(_text(rec.get("instruction"), "instruction"), _text(rec.get("output"), "output", required=not questions),
-                    _text(rec.get("input"), "input", required=False)),),
+        turns=(
+            Turn(
+                _text(rec.get("instruction"), "instruction"),
+                _text(rec.get("output"), "output", required=not questions),
+                _text(rec.get("input"), "input", required=False),
+            ),
+        ),
         system=_text(rec.get("system"), "system", required=False) or None,
     )
 
 
-def _from_messages(messages, report: ReadReport, role_key: str, content_key: str, questions: bool = False) -> Sample:
+def _from_messages(
+    messages, report: ReadReport, role_key: str, content_key: str, questions: bool = False
+) -> Sample:
     if not isinstance(messages, list) or not messages:
         raise BadRow("empty conversation")
     turns = []
@@ -316,7 +220,10 @@ def _from_messages(messages, report: ReadReport, role_key: str, content_key: str
     roles = [r for r, _ in turns]
     if roles != ["user", "assistant"] * (len(roles) // 2) or len(roles) % 2:
         raise BadRow("bad turn order (expected user/assistant alternating)")
-    return Sample(turns=tuple(Turn(turns[i][1], turns[i + 1][1]) for i in range(0, len(turns), 2)), system=system)
+    return Sample(
+        turns=tuple(Turn(turns[i][1], turns[i + 1][1]) for i in range(0, len(turns), 2)),
+        system=system,
+    )
 
 
 def _flat_mapping(rec: dict) -> dict[str, list[str]] | None:
@@ -339,7 +246,11 @@ def _from_columns(rec: dict, mapping: dict[str, list[str]], questions: bool = Fa
         parts = [_text(rec.get(c), field_name, required=False) for c in cols]
         text = "\n\n".join(p for p in parts if p)
         if required and not text:
-            raise BadRow("missing or empty output" if field_name == "response" else f"missing or empty {field_name}")
+            raise BadRow(
+                "missing or empty output"
+                if field_name == "response"
+                else f"missing or empty {field_name}"
+            )
         return text
 
     return Sample(
@@ -364,7 +275,11 @@ def record_to_sample(rec, report: ReadReport, columns=None, questions: bool = Fa
     if "conversations" in rec:
         report.schemas["sharegpt"] += 1
         conv = rec["conversations"]
-        keys = ("from", "value") if conv and isinstance(conv[0], dict) and "from" in conv[0] else ("role", "content")
+        keys = (
+            ("from", "value")
+            if conv and isinstance(conv[0], dict) and "from" in conv[0]
+            else ("role", "content")
+        )
         return _from_messages(conv, report, *keys, questions=questions)
     for key in ("messages", "conversation"):
         if key in rec:
@@ -404,7 +319,9 @@ def read_dataset(
             sample = record_to_sample(rec, report, mapping, questions)
         except BadRow as e:
             if strict:
-                raise UserError(f"{path}: row {rowno}: {e} (--strict stops at the first bad row)") from None
+                raise UserError(
+                    f"{path}: row {rowno}: {e} (--strict stops at the first bad row)"
+                ) from None
             report.skip(str(e), rowno)
             continue
         key = (sample.system, sample.turns)

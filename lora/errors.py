@@ -8,3 +8,7 @@ else that escapes is a bug in this project and keeps its traceback.
 
 class UserError(Exception):
     """A problem with the user's input (flags, files, model, data) that they can fix."""
+
+
+class TrainingInterrupted(Exception):
+    """Raised after a checkpoint was saved because of Ctrl-C/SIGTERM; carries its path."""

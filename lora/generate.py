@@ -18,7 +18,8 @@ from .adapter import load_adapter, read_adapter_config, read_adapter_extra
 from .data import Sample, Turn
 from .errors import UserError
 from .inject import lora_disabled, remove_lora
-from .model import DTYPES, load_model, load_tokenizer
+from .model import load_model, load_tokenizer
+from .precision import DTYPES
 from .prompt import PromptFormat, encode_prompt, stop_token_ids
 
 
@@ -60,7 +61,13 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def load_for_inference(adapter_dir, model_override: str | None = None, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False) -> LoadedAdapter:
+def load_for_inference(
+    adapter_dir,
+    model_override: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+) -> LoadedAdapter:
     """Base model (from the adapter's config or `--model`) + adapter, ready to generate."""
     config = read_adapter_config(adapter_dir)
     base = model_override or config.get("base_model_name_or_path")
@@ -79,7 +86,10 @@ def load_for_inference(adapter_dir, model_override: str | None = None, device: s
         fmt = PromptFormat.from_dict(extra["prompt_format"])
     else:  # an adapter trained elsewhere (e.g. with peft): use the tokenizer's own template
         fmt = PromptFormat("chat" if getattr(tokenizer, "chat_template", None) else "plain")
-    stops = sorted(set(extra.get("stop_token_ids") or []) | set(stop_token_ids(tokenizer, fmt, model.generation_config)))
+    stops = sorted(
+        set(extra.get("stop_token_ids") or [])
+        | set(stop_token_ids(tokenizer, fmt, model.generation_config))
+    )
     return LoadedAdapter(model, tokenizer, fmt, stops, config, base)
 
 
@@ -88,37 +98,49 @@ def context_length(model) -> int | None:
 
 
 @torch.no_grad()
-def generate_batch(loaded: LoadedAdapter, samples: list[Sample], settings: GenerationSettings, streamer=None) -> list[dict]:
+def generate_batch(
+    loaded: LoadedAdapter, samples: list[Sample], settings: GenerationSettings, streamer=None
+) -> list[dict]:
     """Answer the last user turn of each sample. Returns [{"answer", "stopped", "new_tokens"}]."""
     tok, model = loaded.tokenizer, loaded.model
     prompts = [encode_prompt(s, loaded.fmt, tok) for s in samples]
     limit = context_length(model)
     for p in prompts:
         if limit and len(p) + 1 > limit:
-            raise UserError(f"the prompt is {len(p)} tokens, longer than the model's context of {limit} tokens")
+            raise UserError(
+                f"the prompt is {len(p)} tokens, longer than the model's context of {limit} tokens"
+            )
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
     pad = tok.pad_token_id
     # Left padding: every prompt ends at the same position, where generation starts.
     input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    attention = torch.tensor(
+        [[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device
+    )
     max_new = settings.max_new_tokens
     if limit:
         max_new = max(1, min(max_new, limit - width))
     kwargs = settings.kwargs() | {"max_new_tokens": max_new}
     out = model.generate(
-        input_ids=input_ids, attention_mask=attention, eos_token_id=loaded.stop_ids, pad_token_id=pad,
-        streamer=streamer, **kwargs,
+        input_ids=input_ids,
+        attention_mask=attention,
+        eos_token_id=loaded.stop_ids,
+        pad_token_id=pad,
+        streamer=streamer,
+        **kwargs,
     )
     results = []
     for row in out[:, width:].tolist():
         stop_at = next((i for i, t in enumerate(row) if t in loaded.stop_ids), None)
         new = row if stop_at is None else row[:stop_at]
-        results.append({
-            "answer": tok.decode(new, skip_special_tokens=True).strip(),
-            "stopped": stop_at is not None,
-            "new_tokens": len(new),
-        })
+        results.append(
+            {
+                "answer": tok.decode(new, skip_special_tokens=True).strip(),
+                "stopped": stop_at is not None,
+                "new_tokens": len(new),
+            }
+        )
     return results
 
 
@@ -132,7 +154,9 @@ def generate_compare(loaded: LoadedAdapter, samples, settings) -> list[dict]:
     return [{"base": b, "tuned": t} for b, t in zip(base, tuned)]
 
 
-def export_merged(adapter_dir, out_dir, model_override=None, trust_remote_code=False, log=print) -> Path:
+def export_merged(
+    adapter_dir, out_dir, model_override=None, trust_remote_code=False, log=print
+) -> Path:
     """Write base + adapter as one plain Hugging Face checkpoint (no trace of LoRA).
 
     The merge happens in fp32 (the base is loaded in fp32), then the weights are cast back to
@@ -149,8 +173,10 @@ def export_merged(adapter_dir, out_dir, model_override=None, trust_remote_code=F
     remove_lora(model)
     model.to(saved_dtype)
     if saved_dtype != torch.float32:
-        log(f"note: merged in fp32 and saved as {str(saved_dtype).replace('torch.', '')} like the base; "
-            f"rounding makes logits differ slightly from base + adapter")
+        log(
+            f"note: merged in fp32 and saved as {str(saved_dtype).replace('torch.', '')} like the base; "
+            f"rounding makes logits differ slightly from base + adapter"
+        )
     fmt = PromptFormat.from_dict(read_adapter_extra(adapter_dir).get("prompt_format"))
     stops = stop_token_ids(tokenizer, fmt, model.generation_config)
     model.generation_config.eos_token_id = stops

@@ -93,7 +93,11 @@ def find_target_modules(model: nn.Module, targets="q_proj,v_proj") -> list[str]:
     that is how adapters saved by PEFT with a regex `target_modules` are read back.
     """
     regex = None
-    if isinstance(targets, str) and targets.strip() != ALL_LINEAR and re.search(r"[\\^$*+?()\[\]|]", targets):
+    if (
+        isinstance(targets, str)
+        and targets.strip() != ALL_LINEAR
+        and re.search(r"[\\^$*+?()\[\]|]", targets)
+    ):
         regex = targets
         parsed = None
     else:
@@ -135,7 +139,11 @@ def apply_lora(
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         base = getattr(parent, child)
-        setattr(parent, child, LoRALinear(base, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora))
+        setattr(
+            parent,
+            child,
+            LoRALinear(base, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora),
+        )
     trainable = freeze_all_but_lora(model)
     total = sum(p.numel() for p in model.parameters())
     short = sorted({n.rsplit(".", 1)[-1] for n in names})

@@ -79,8 +79,12 @@ class LoRALinear(nn.Module):
 
         device = base_layer.weight.device
         # Adapters live in fp32 whatever the base dtype is (see the module docstring).
-        self.lora_A = nn.Linear(base_layer.in_features, self.r, bias=False, device=device, dtype=torch.float32)
-        self.lora_B = nn.Linear(self.r, base_layer.out_features, bias=False, device=device, dtype=torch.float32)
+        self.lora_A = nn.Linear(
+            base_layer.in_features, self.r, bias=False, device=device, dtype=torch.float32
+        )
+        self.lora_B = nn.Linear(
+            self.r, base_layer.out_features, bias=False, device=device, dtype=torch.float32
+        )
         # Dropout on the adapter's input only: the frozen path sees the clean x.
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False

@@ -43,7 +43,9 @@ def auto_chunk_size(vocab_size: int) -> int:
     return max(16, CHUNK_FLOATS // vocab_size)
 
 
-def shift_for_next_token(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def shift_for_next_token(
+    hidden: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """hidden (B, T, H), labels (B, T) -> supervised hidden (N, H) and their targets (N,)."""
     hidden = hidden[:, :-1, :]
     targets = labels[:, 1:]
@@ -55,17 +57,23 @@ class SupervisedCrossEntropy(torch.autograd.Function):
     """sum_i CE(W h_i, y_i) for a frozen W, with ∂/∂h computed chunk by chunk in forward."""
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor, chunk_size: int):
+    def forward(
+        ctx, h: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor, chunk_size: int
+    ):
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         for start in range(0, h.shape[0], chunk_size):
             h_chunk = h[start : start + chunk_size].to(weight.dtype)
             y = targets[start : start + chunk_size]
-            logits = F.linear(h_chunk, weight, bias).float()  # (chunk, vocab), upcast for the softmax
+            logits = F.linear(
+                h_chunk, weight, bias
+            ).float()  # (chunk, vocab), upcast for the softmax
             log_z = torch.logsumexp(logits, dim=-1)
             total += (log_z - logits.gather(1, y[:, None]).squeeze(1)).sum()
             if grad_h is not None:
-                probs = logits.sub_(log_z[:, None]).exp_()  # softmax in place: one (chunk, vocab) buffer
+                probs = logits.sub_(
+                    log_z[:, None]
+                ).exp_()  # softmax in place: one (chunk, vocab) buffer
                 probs[torch.arange(y.shape[0], device=y.device), y] -= 1.0
                 grad_h[start : start + chunk_size] = (probs.to(weight.dtype) @ weight).to(h.dtype)
         if grad_h is not None:
@@ -78,7 +86,12 @@ class SupervisedCrossEntropy(torch.autograd.Function):
         return grad_h * grad_output.to(grad_h.dtype), None, None, None, None
 
 
-def supervised_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, lm_head: torch.nn.Linear, chunk_size: int | None = None):
+def supervised_loss_sum(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    lm_head: torch.nn.Linear,
+    chunk_size: int | None = None,
+):
     """(sum of next-token CE over supervised positions, number of those positions)."""
     h, targets = shift_for_next_token(hidden, labels)
     chunk_size = chunk_size or auto_chunk_size(lm_head.weight.shape[0])
@@ -111,5 +124,9 @@ class CausalLMLoss(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, labels):
         decoder = self.model.get_decoder()
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        return supervised_loss_sum(hidden, labels, self.model.get_output_embeddings(), self.chunk_size)
+        hidden = decoder(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state
+        return supervised_loss_sum(
+            hidden, labels, self.model.get_output_embeddings(), self.chunk_size
+        )

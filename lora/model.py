@@ -15,11 +15,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .errors import UserError
 
-DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 # transformers renamed `torch_dtype` to `dtype` in 4.56; support both sides of the rename.
-_DTYPE_KWARG = "dtype" if tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= (4, 56) else "torch_dtype"
+_DTYPE_KWARG = (
+    "dtype"
+    if tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= (4, 56)
+    else "torch_dtype"
+)
 
 
 def _check_source(name_or_path: str) -> bool:
@@ -27,10 +28,16 @@ def _check_source(name_or_path: str) -> bool:
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise UserError(f"model directory {path} has no config.json: is it a Hugging Face checkpoint?")
+            raise UserError(
+                f"model directory {path} has no config.json: is it a Hugging Face checkpoint?"
+            )
         return True
     # A hub id is `name` or `org/name`; anything else is meant as a path on this machine.
-    looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path
+    looks_like_path = (
+        name_or_path.startswith((".", "/", "~"))
+        or name_or_path.count("/") > 1
+        or "\\" in name_or_path
+    )
     if path.exists() or looks_like_path:
         raise UserError(f"model path {name_or_path} does not exist (or is not a directory)")
     return False
@@ -58,7 +65,9 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
             raise UserError(f"could not load a tokenizer from {name_or_path}: {e}") from None
         raise _hub_error(name_or_path, e) from None
     if not getattr(tokenizer, "is_fast", False):
-        raise UserError(f"the tokenizer of {name_or_path} is not a fast tokenizer (tokenizer.json is needed)")
+        raise UserError(
+            f"the tokenizer of {name_or_path} is not a fast tokenizer (tokenizer.json is needed)"
+        )
     if tokenizer.pad_token_id is None:
         # Padding positions are masked out of attention and loss, so any id will do.
         tokenizer.pad_token = tokenizer.eos_token
@@ -73,9 +82,15 @@ def load_model(
 ):
     """`AutoModelForCausalLM.from_pretrained` in `dtype` on `device`, SDPA attention."""
     local = _check_source(name_or_path)
-    kwargs = {_DTYPE_KWARG: dtype, "trust_remote_code": trust_remote_code, "local_files_only": local}
+    kwargs = {
+        _DTYPE_KWARG: dtype,
+        "trust_remote_code": trust_remote_code,
+        "local_files_only": local,
+    }
     try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, attn_implementation="sdpa", **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, attn_implementation="sdpa", **kwargs
+        )
     except (ValueError, ImportError) as e:
         if "sdpa" not in str(e).lower():
             raise UserError(f"could not load model {name_or_path}: {e}") from None
@@ -84,7 +99,9 @@ def load_model(
         raise
     except Exception as e:
         if local:
-            raise UserError(f"could not load model {name_or_path}: {type(e).__name__}: {e}") from None
+            raise UserError(
+                f"could not load model {name_or_path}: {type(e).__name__}: {e}"
+            ) from None
         raise _hub_error(name_or_path, e) from None
     model.to(device)
     # The KV cache is for generation; during training it only costs memory.

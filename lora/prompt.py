@@ -49,7 +49,7 @@ class PromptFormat:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "PromptFormat":
+    def from_dict(cls, d: dict | None) -> PromptFormat:
         d = d or {}
         return cls(**{k: d[k] for k in ("template", "system", "enable_thinking") if k in d})
 
@@ -62,7 +62,9 @@ def resolve_template(tokenizer, requested: str | None) -> str:
     if requested not in ("chat", "plain"):
         raise UserError(f"--template must be chat, plain or auto, got {requested!r}")
     if requested == "chat" and not has_chat:
-        raise UserError("--template chat: this tokenizer has no chat template; use --template plain")
+        raise UserError(
+            "--template chat: this tokenizer has no chat template; use --template plain"
+        )
     return requested
 
 
@@ -90,11 +92,15 @@ def _chat_messages(sample: Sample, fmt: PromptFormat, upto_answer: bool = False)
     return messages
 
 
-def _apply_chat_template(tokenizer, messages, fmt: PromptFormat, add_generation_prompt: bool) -> str:
+def _apply_chat_template(
+    tokenizer, messages, fmt: PromptFormat, add_generation_prompt: bool
+) -> str:
     kwargs = {}
     if "enable_thinking" in (tokenizer.chat_template or ""):
         kwargs["enable_thinking"] = fmt.enable_thinking
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs)
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
+    )
 
 
 def _plain_prefix(system: str | None) -> str:
@@ -136,7 +142,9 @@ def render(sample: Sample, fmt: PromptFormat, tokenizer) -> tuple[str, list[tupl
         cursor = at + len(m["content"])
         if m["role"] == "assistant":
             if not full.startswith(end, cursor):
-                raise UserError(f"the chat template does not close an answer with {end!r}; use --template plain")
+                raise UserError(
+                    f"the chat template does not close an answer with {end!r}; use --template plain"
+                )
             cursor += len(end)
             spans.append((at, cursor))
     # The text ends at the last end token: what follows (a newline) belongs to a next turn.
@@ -148,7 +156,9 @@ def prompt_text(sample: Sample, fmt: PromptFormat, tokenizer) -> str:
     if fmt.template == "plain":
         text, spans = render(sample, fmt, tokenizer)
         return text[: spans[-1][0]]
-    return _apply_chat_template(tokenizer, _chat_messages(sample, fmt, upto_answer=True), fmt, add_generation_prompt=True)
+    return _apply_chat_template(
+        tokenizer, _chat_messages(sample, fmt, upto_answer=True), fmt, add_generation_prompt=True
+    )
 
 
 def _add_special_tokens(fmt: PromptFormat) -> bool:
@@ -158,7 +168,9 @@ def _add_special_tokens(fmt: PromptFormat) -> bool:
 
 def encode_prompt(sample: Sample, fmt: PromptFormat, tokenizer) -> list[int]:
     """Token ids of `prompt_text`, tokenized exactly as in training."""
-    return tokenizer(prompt_text(sample, fmt, tokenizer), add_special_tokens=_add_special_tokens(fmt))["input_ids"]
+    return tokenizer(
+        prompt_text(sample, fmt, tokenizer), add_special_tokens=_add_special_tokens(fmt)
+    )["input_ids"]
 
 
 @dataclass
@@ -173,7 +185,9 @@ class Encoded:
         return sum(1 for x in self.labels[1:] if x != IGNORE_INDEX)
 
 
-def encode_sample(sample: Sample, fmt: PromptFormat, tokenizer, max_len: int | None = None) -> Encoded | None:
+def encode_sample(
+    sample: Sample, fmt: PromptFormat, tokenizer, max_len: int | None = None
+) -> Encoded | None:
     """Tokenize once, label by character offsets, truncate to `max_len`. None if nothing is left."""
     text, spans = render(sample, fmt, tokenizer)
     enc = tokenizer(text, add_special_tokens=_add_special_tokens(fmt), return_offsets_mapping=True)

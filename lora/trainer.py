@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import shutil
 import signal
 import sys
@@ -34,14 +33,16 @@ import torch
 
 from . import checkpoint as ckpt
 from .adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXTRA_FILE, atomic_write_bytes, save_adapter
-from .batching import collate, padding_ratio, plan_batches
-from .data import read_dataset
+from .batching import collate, plan_batches
+from .config import DEFAULT_MODEL
 from .distributed import DistInfo, all_reduce_sum, all_reduce_sums, barrier, init_distributed
-from .errors import UserError
+from .errors import TrainingInterrupted, UserError
 from .inject import apply_lora, lora_parameters
 from .loss import CausalLMLoss, count_supervised
-from .model import DEFAULT_MODEL, DTYPES, load_model, load_tokenizer
-from .prompt import PromptFormat, encode_sample, resolve_template, stop_token_ids
+from .model import load_model, load_tokenizer
+from .precision import DTYPES
+from .prepare import prepare_data
+from .prompt import PromptFormat, resolve_template, stop_token_ids
 from .schedule import warmup_cosine, warmup_steps
 
 MAX_BAD_STEPS = 3
@@ -92,10 +93,6 @@ class TrainConfig:
     device: str = "auto"
 
 
-class TrainingInterrupted(Exception):
-    """Raised after a checkpoint was saved because of Ctrl-C/SIGTERM; carries its path."""
-
-
 @dataclass
 class TrainResult:
     output: Path
@@ -120,7 +117,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     resume_from = check_output_dir(out, cfg, clean=dist_info.is_main)
     barrier()
     if resume_from == "finished":
-        log(f"{out} holds a finished run ({read_finished_steps(out)} steps); nothing to resume. Use --overwrite to train again.")
+        log(
+            f"{out} holds a finished run ({read_finished_steps(out)} steps); nothing to resume. Use --overwrite to train again."
+        )
         return TrainResult(out, read_finished_steps(out), None, None)
 
     torch.manual_seed(cfg.seed + dist_info.rank)
@@ -149,8 +148,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     dropped = len(train_set) - sum(len(b) for b in first_plan)
     if dropped:
         data_summary["rows_skipped_per_epoch_under_torchrun"] = dropped
-        log(f"note: each epoch skips one batch of {dropped} row(s): fewer rows than the {dist_info.world_size} "
-            f"processes (a different batch each epoch, since the order is reshuffled)")
+        log(
+            f"note: each epoch skips one batch of {dropped} row(s): fewer rows than the {dist_info.world_size} "
+            f"processes (a different batch each epoch, since the order is reshuffled)"
+        )
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     scheduler = warmup_cosine(optimizer, warmup_steps(cfg.warmup, total_steps), total_steps)
@@ -164,13 +165,26 @@ def train(cfg: TrainConfig) -> TrainResult:
         runner = DDP(loss_module, device_ids=[device.index] if device.type == "cuda" else None)
 
     identity = run_identity(cfg, dist_info, len(train_set))
-    adapter_extra = {"prompt_format": fmt.to_dict(), "stop_token_ids": stop_token_ids(tokenizer, fmt, model.generation_config)}
+    adapter_extra = {
+        "prompt_format": fmt.to_dict(),
+        "stop_token_ids": stop_token_ids(tokenizer, fmt, model.generation_config),
+    }
     adapter_kwargs = {"base_model_name_or_path": cfg.model, "extra": adapter_extra}
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_val_loss": None, "identity": identity}
+    state = {
+        "step": 0,
+        "epoch": 0,
+        "batch_in_epoch": 0,
+        "best_val_loss": None,
+        "identity": identity,
+    }
     if resume_from is not None:
-        state = resume(resume_from, model, optimizer, scheduler, scaler, identity, dist_info, device, log)
+        state = resume(
+            resume_from, model, optimizer, scheduler, scaler, identity, dist_info, device, log
+        )
 
-    summary_lines = startup_summary(cfg, device, precision, report, data_summary, dist_info, total_steps, train_set)
+    summary_lines = startup_summary(
+        cfg, device, precision, report, data_summary, dist_info, total_steps, train_set
+    )
     for line in summary_lines:
         log(line)
     if dist_info.is_main:
@@ -179,7 +193,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     metrics_path = out / "metrics.jsonl"
     # On resume, keep the metrics up to the checkpoint; steps logged after it (before a crash)
     # will be trained again and logged again.
-    history = [r for r in read_history(metrics_path) if r["step"] <= state["step"]] if resume_from is not None else []
+    history = (
+        [r for r in read_history(metrics_path) if r["step"] <= state["step"]]
+        if resume_from is not None
+        else []
+    )
     if dist_info.is_main and metrics_path.exists():
         metrics_path.unlink()
         for record in history:
@@ -197,30 +215,50 @@ def train(cfg: TrainConfig) -> TrainResult:
     plan, plan_epoch = None, None
     with stop.installed():
         while state["step"] < total_steps:
-            if plan_epoch != state["epoch"]:  # the epoch's batch order, deterministic by (seed, epoch)
-                plan, plan_epoch = global_batches(lengths, global_batch, cfg, state["epoch"], dist_info), state["epoch"]
+            if (
+                plan_epoch != state["epoch"]
+            ):  # the epoch's batch order, deterministic by (seed, epoch)
+                plan, plan_epoch = (
+                    global_batches(lengths, global_batch, cfg, state["epoch"], dist_info),
+                    state["epoch"],
+                )
             if state["batch_in_epoch"] >= len(plan):
                 state["epoch"] += 1
                 state["batch_in_epoch"] = 0
                 continue
             window = plan[state["batch_in_epoch"] : state["batch_in_epoch"] + cfg.grad_accum]
             t0 = time.perf_counter()
-            micro = [collate([train_set[i] for i in my_slice(b, dist_info)], tokenizer.pad_token_id, pad_multiple) for b in window]
+            micro = [
+                collate(
+                    [train_set[i] for i in my_slice(b, dist_info)],
+                    tokenizer.pad_token_id,
+                    pad_multiple,
+                )
+                for b in window
+            ]
 
             try:
-                loss_sum_total, n_window = backward_window(runner, micro, device, autocast, scaler, dist_info.world_size)
+                loss_sum_total, n_window = backward_window(
+                    runner, micro, device, autocast, scaler, dist_info.world_size
+                )
             except torch.cuda.OutOfMemoryError:
                 raise UserError(oom_message(cfg)) from None
 
             # One collective for everything the processes must agree on: the window's loss, its
             # real tokens (for tokens/s), and whether any process was asked to stop.
             local_tokens = sum(int(m["attention_mask"].sum()) for m in micro)
-            loss_total, real_tokens, stop_votes = all_reduce_sums([loss_sum_total, local_tokens, stop.requested], device)
+            loss_total, real_tokens, stop_votes = all_reduce_sums(
+                [loss_sum_total, local_tokens, stop.requested], device
+            )
             loss_value = loss_total / n_window
             interrupted = stop_votes > 0
             if scaler:
                 scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
+            grad_norm = float(
+                torch.nn.utils.clip_grad_norm_(
+                    params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+                )
+            )
             # fp16 overflow (inf gradients) is routine: GradScaler skips that step and lowers its
             # scale. A NaN loss, or non-finite gradients without a scaler, means divergence.
             if not math.isfinite(loss_value) or (scaler is None and not math.isfinite(grad_norm)):
@@ -228,7 +266,9 @@ def train(cfg: TrainConfig) -> TrainResult:
                 if scaler:
                     scaler.update()
                 bad_steps += 1
-                log(f"warning: step {state['step'] + 1}: loss {loss_value}, grad norm {grad_norm}: not finite; update skipped")
+                log(
+                    f"warning: step {state['step'] + 1}: loss {loss_value}, grad norm {grad_norm}: not finite; update skipped"
+                )
                 if bad_steps >= MAX_BAD_STEPS:
                     raise UserError(
                         f"{bad_steps} non-finite updates in a row: training diverged. Try a lower --lr "
@@ -250,26 +290,66 @@ def train(cfg: TrainConfig) -> TrainResult:
 
             dt = time.perf_counter() - t0
             record = {
-                "step": state["step"], "epoch": state["epoch"], "loss": loss_value, "lr": scheduler.get_last_lr()[0],
-                "grad_norm": grad_norm, "tokens_per_s": real_tokens / dt, "real_tokens": int(real_tokens),
-                "supervised_tokens": int(n_window), "step_time_s": dt,
+                "step": state["step"],
+                "epoch": state["epoch"],
+                "loss": loss_value,
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm,
+                "tokens_per_s": real_tokens / dt,
+                "real_tokens": int(real_tokens),
+                "supervised_tokens": int(n_window),
+                "step_time_s": dt,
             }
-            if cfg.eval_every and state["step"] % cfg.eval_every == 0 and val_set and state["step"] < total_steps:
-                record.update(evaluate_and_keep_best(model, loss_module, val_set, cfg, tokenizer, device, autocast, dist_info, state, out, adapter_kwargs, log))
+            if (
+                cfg.eval_every
+                and state["step"] % cfg.eval_every == 0
+                and val_set
+                and state["step"] < total_steps
+            ):
+                record.update(
+                    evaluate_and_keep_best(
+                        model,
+                        loss_module,
+                        val_set,
+                        cfg,
+                        tokenizer,
+                        device,
+                        autocast,
+                        dist_info,
+                        state,
+                        out,
+                        adapter_kwargs,
+                        log,
+                    )
+                )
             history.append(record)
             if dist_info.is_main:
                 append_jsonl(metrics_path, record)
             if bar:
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+                bar.set_postfix(
+                    loss=f"{loss_value:.4f}",
+                    lr=f"{record['lr']:.2e}",
+                    tok_s=f"{record['tokens_per_s']:.0f}",
+                )
                 bar.update(1)
 
-            stop_now = cfg.stop_after_steps and steps_this_run >= cfg.stop_after_steps and state["step"] < total_steps
+            stop_now = (
+                cfg.stop_after_steps
+                and steps_this_run >= cfg.stop_after_steps
+                and state["step"] < total_steps
+            )
             if (cfg.save_every and state["step"] % cfg.save_every == 0) or interrupted or stop_now:
-                path = save_checkpoint(out, model, optimizer, scheduler, scaler, state, adapter_kwargs, cfg, dist_info)
+                path = save_checkpoint(
+                    out, model, optimizer, scheduler, scaler, state, adapter_kwargs, cfg, dist_info
+                )
                 if interrupted or stop_now:
                     if bar:
                         bar.close()
-                    reason = "interrupted" if interrupted else f"stopped after {steps_this_run} steps (--stop-after-steps)"
+                    reason = (
+                        "interrupted"
+                        if interrupted
+                        else f"stopped after {steps_this_run} steps (--stop-after-steps)"
+                    )
                     log(f"{reason}: saved {path}; continue with --resume auto")
                     if interrupted:
                         raise TrainingInterrupted(str(path))
@@ -279,7 +359,20 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     val_loss = None
     if val_set:
-        result = evaluate_and_keep_best(model, loss_module, val_set, cfg, tokenizer, device, autocast, dist_info, state, out, adapter_kwargs, log)
+        result = evaluate_and_keep_best(
+            model,
+            loss_module,
+            val_set,
+            cfg,
+            tokenizer,
+            device,
+            autocast,
+            dist_info,
+            state,
+            out,
+            adapter_kwargs,
+            log,
+        )
         val_loss = result["val_loss"]
         if history:
             history[-1].update(result)
@@ -287,14 +380,26 @@ def train(cfg: TrainConfig) -> TrainResult:
                 append_jsonl(metrics_path, {"step": state["step"], **result})
     if dist_info.is_main:
         save_adapter(model, out, **adapter_kwargs)
-        write_train_args(out, cfg, data_summary, report, state, finished=True, final={"train_loss": last_loss, "val_loss": val_loss})
+        write_train_args(
+            out,
+            cfg,
+            data_summary,
+            report,
+            state,
+            finished=True,
+            final={"train_loss": last_loss, "val_loss": val_loss},
+        )
         plot_loss(history, out / "loss_curve.png", log)
-        log(f"adapter saved to {out}/ ({ADAPTER_WEIGHTS}, {ADAPTER_CONFIG}); try it: python infer.py --adapter {out} --prompt \"...\"")
+        log(
+            f'adapter saved to {out}/ ({ADAPTER_WEIGHTS}, {ADAPTER_CONFIG}); try it: python infer.py --adapter {out} --prompt "..."'
+        )
     barrier()
     return TrainResult(out, state["step"], last_loss, val_loss, history)
 
 
-def backward_window(runner, micro: list[dict], device, autocast, scaler, world_size: int = 1) -> tuple[float, float]:
+def backward_window(
+    runner, micro: list[dict], device, autocast, scaler, world_size: int = 1
+) -> tuple[float, float]:
     """Accumulate the gradient of one optimizer step over its micro-batches.
 
     The gradient left in `.grad` is that of  Σ token losses / N  over the whole window, N being
@@ -327,7 +432,9 @@ def resolve_device_and_precision(precision: str, device: str = "auto") -> tuple[
         raise UserError(f"--precision must be auto, bf16, fp16 or fp32, got {precision!r}")
     if not has_cuda:
         if precision in ("bf16", "fp16"):
-            raise UserError(f"--precision {precision} needs a CUDA GPU, and none is available; use --precision fp32 (or auto)")
+            raise UserError(
+                f"--precision {precision} needs a CUDA GPU, and none is available; use --precision fp32 (or auto)"
+            )
         return torch.device("cpu"), "fp32"
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -359,9 +466,13 @@ def check_output_dir(out: Path, cfg: TrainConfig, clean: bool = True):
             return "finished"
         return checkpoints[-1] if checkpoints else None
     if finished:
-        raise UserError(f"{out} already holds a finished run; pass --overwrite to replace it, or another --output")
+        raise UserError(
+            f"{out} already holds a finished run; pass --overwrite to replace it, or another --output"
+        )
     if checkpoints:
-        raise UserError(f"{out} holds checkpoints of an unfinished run; pass --resume auto to continue it, or --overwrite")
+        raise UserError(
+            f"{out} holds checkpoints of an unfinished run; pass --resume auto to continue it, or --overwrite"
+        )
     return None
 
 
@@ -376,7 +487,14 @@ def clean_output_dir(out: Path) -> None:
     for p in out.iterdir():
         if p.name.startswith(("checkpoint-", ".tmp-checkpoint-")) or p.name == "best":
             shutil.rmtree(p, ignore_errors=True)
-        elif p.name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, EXTRA_FILE, "train_args.json", "metrics.jsonl", "loss_curve.png"):
+        elif p.name in (
+            ADAPTER_WEIGHTS,
+            ADAPTER_CONFIG,
+            EXTRA_FILE,
+            "train_args.json",
+            "metrics.jsonl",
+            "loss_curve.png",
+        ):
             p.unlink()
 
 
@@ -385,75 +503,6 @@ def _json(path: Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return {}
-
-
-def prepare_data(cfg: TrainConfig, tokenizer, fmt: PromptFormat, log):
-    """Read, split, tokenize; print what happened. Returns (train, val, summary dict)."""
-    samples, report = read_dataset(cfg.data, cfg.columns, cfg.strict, cfg.dedup, cfg.encoding)
-    for line in report.lines():
-        log(line)
-    val_samples = []
-    summary = {"train_file": report.to_dict()}
-    if cfg.val_data:
-        val_samples, val_report = read_dataset(cfg.val_data, cfg.columns, cfg.strict, cfg.dedup, cfg.encoding)
-        for line in val_report.lines():
-            log(line)
-        summary["val_file"] = val_report.to_dict()
-    elif cfg.val_size:
-        n_val = int(round(cfg.val_size * len(samples))) if cfg.val_size < 1 else int(cfg.val_size)
-        if not 0 < n_val < len(samples):
-            raise UserError(f"--val-size {cfg.val_size} leaves no training or no validation rows ({len(samples)} rows)")
-        order = list(range(len(samples)))
-        random.Random(cfg.seed).shuffle(order)
-        val_idx = set(order[:n_val])
-        val_samples = [s for i, s in enumerate(samples) if i in val_idx]
-        samples = [s for i, s in enumerate(samples) if i not in val_idx]
-
-    train_set, stats = encode_all(samples, fmt, tokenizer, cfg.max_len)
-    val_set, val_stats = encode_all(val_samples, fmt, tokenizer, cfg.max_len)
-    if not train_set:
-        raise UserError(f"{cfg.data}: no row has a supervised token left after tokenization (--max-len {cfg.max_len})")
-    summary["train"] = stats
-    if val_samples:
-        summary["val"] = val_stats
-    lengths = [len(e.input_ids) for e in train_set]
-    batches = plan_batches(lengths, cfg.batch_size, cfg.seed, 0, cfg.group_by_length)
-    summary["padding_ratio"] = round(padding_ratio(batches, lengths), 4)
-    summary["padding_ratio_if_padded_to_max_len"] = round(padding_ratio(batches, lengths, pad_to=cfg.max_len), 4)
-    log(
-        f"tokens: {stats['rows']} train rows, length p50 {stats['len_p50']} / p95 {stats['len_p95']} / max {stats['len_max']}, "
-        f"{stats['supervised_tokens']:,} supervised of {stats['tokens']:,} tokens; "
-        f"truncated {stats['truncated_prompt']} (prompt) + {stats['truncated_answer']} (answer), "
-        f"dropped {stats['dropped_no_supervised_token']} (no supervised token left)"
-        + (f"; {len(val_set)} validation rows" if val_samples else "")
-    )
-    log(
-        f"padding: {100 * summary['padding_ratio']:.1f}% of batch positions with length-grouped batches "
-        f"(padding every row to --max-len {cfg.max_len} would be {100 * summary['padding_ratio_if_padded_to_max_len']:.1f}%)"
-    )
-    return train_set, val_set, summary
-
-
-def encode_all(samples, fmt, tokenizer, max_len):
-    encoded, truncated, dropped = [], {"prompt": 0, "answer": 0}, 0
-    for s in samples:
-        e = encode_sample(s, fmt, tokenizer, max_len)
-        if e is None:
-            dropped += 1
-            continue
-        if e.truncated:
-            truncated[e.truncated] += 1
-        encoded.append(e)
-    lengths = sorted(len(e.input_ids) for e in encoded) or [0]
-    pct = lambda q: lengths[min(len(lengths) - 1, int(q * len(lengths)))]  # noqa: E731
-    return encoded, {
-        "rows": len(encoded),
-        "tokens": sum(lengths),
-        "supervised_tokens": sum(e.n_supervised for e in encoded),
-        "len_p50": pct(0.5), "len_p95": pct(0.95), "len_max": lengths[-1],
-        "truncated_prompt": truncated["prompt"], "truncated_answer": truncated["answer"],
-        "dropped_no_supervised_token": dropped,
-    }
 
 
 def global_batches(lengths, global_batch: int, cfg: TrainConfig, epoch: int, dist_info: DistInfo):
@@ -475,9 +524,16 @@ def my_slice(batch: list[int], dist_info: DistInfo) -> list[int]:
 def run_identity(cfg: TrainConfig, dist_info: DistInfo, n_rows: int) -> dict:
     """What must not change between a run and its resumption."""
     return {
-        "model": cfg.model, "targets": cfg.targets, "rank": cfg.rank, "alpha": cfg.alpha, "rslora": cfg.rslora,
-        "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "world_size": dist_info.world_size,
-        "seed": cfg.seed, "train_rows": n_rows,
+        "model": cfg.model,
+        "targets": cfg.targets,
+        "rank": cfg.rank,
+        "alpha": cfg.alpha,
+        "rslora": cfg.rslora,
+        "batch_size": cfg.batch_size,
+        "grad_accum": cfg.grad_accum,
+        "world_size": dist_info.world_size,
+        "seed": cfg.seed,
+        "train_rows": n_rows,
     }
 
 
@@ -486,9 +542,15 @@ def resume(path, model, optimizer, scheduler, scaler, identity, dist_info, devic
 
     state = ckpt.read_trainer_state(path)
     saved = state.get("identity", {})
-    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}" for k, v in identity.items() if saved.get(k) != v]
+    diffs = [
+        f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}"
+        for k, v in identity.items()
+        if saved.get(k) != v
+    ]
     if diffs:
-        raise UserError(f"cannot resume from {path}: the run differs ({'; '.join(diffs)}). Use --overwrite to start over")
+        raise UserError(
+            f"cannot resume from {path}: the run differs ({'; '.join(diffs)}). Use --overwrite to start over"
+        )
     load_adapter(model, path)
     opt_state, rng = ckpt.load_checkpoint_state(path, dist_info.rank, device)
     optimizer.load_state_dict(opt_state["optimizer"])
@@ -501,9 +563,13 @@ def resume(path, model, optimizer, scheduler, scaler, identity, dist_info, devic
     return state
 
 
-def save_checkpoint(out, model, optimizer, scheduler, scaler, state, adapter_kwargs, cfg, dist_info) -> Path:
+def save_checkpoint(
+    out, model, optimizer, scheduler, scaler, state, adapter_kwargs, cfg, dist_info
+) -> Path:
     if dist_info.is_main:
-        ckpt.begin_checkpoint(out, state["step"], model, optimizer, scheduler, scaler, state, adapter_kwargs)
+        ckpt.begin_checkpoint(
+            out, state["step"], model, optimizer, scheduler, scaler, state, adapter_kwargs
+        )
     barrier()
     ckpt.write_rank_rng(ckpt.tmp_dir_for(out, state["step"]), dist_info.rank)
     barrier()
@@ -527,7 +593,9 @@ def evaluate(loss_module, val_set, cfg, tokenizer, device, autocast, dist_info) 
     mine = order[dist_info.rank :: dist_info.world_size]
     total = count = 0.0
     for start in range(0, len(mine), cfg.batch_size):
-        mb = collate([val_set[i] for i in mine[start : start + cfg.batch_size]], tokenizer.pad_token_id)
+        mb = collate(
+            [val_set[i] for i in mine[start : start + cfg.batch_size]], tokenizer.pad_token_id
+        )
         mb = {k: v.to(device) for k, v in mb.items()}
         with autocast:
             loss_sum, n = loss_module(mb["input_ids"], mb["attention_mask"], mb["labels"])
@@ -538,7 +606,20 @@ def evaluate(loss_module, val_set, cfg, tokenizer, device, autocast, dist_info) 
     return total / max(count, 1)
 
 
-def evaluate_and_keep_best(model, loss_module, val_set, cfg, tokenizer, device, autocast, dist_info, state, out, adapter_kwargs, log) -> dict:
+def evaluate_and_keep_best(
+    model,
+    loss_module,
+    val_set,
+    cfg,
+    tokenizer,
+    device,
+    autocast,
+    dist_info,
+    state,
+    out,
+    adapter_kwargs,
+    log,
+) -> dict:
     val_loss = evaluate(loss_module, val_set, cfg, tokenizer, device, autocast, dist_info)
     ppl = math.exp(min(val_loss, 50))
     best = state.get("best_val_loss")
@@ -547,7 +628,10 @@ def evaluate_and_keep_best(model, loss_module, val_set, cfg, tokenizer, device, 
         state["best_val_loss"] = val_loss
         if dist_info.is_main:
             save_adapter(model, out / "best", **adapter_kwargs)
-    log(f"step {state['step']}: val loss {val_loss:.4f}, perplexity {ppl:.2f}" + (" (best so far, saved to best/)" if improved else ""))
+    log(
+        f"step {state['step']}: val loss {val_loss:.4f}, perplexity {ppl:.2f}"
+        + (" (best so far, saved to best/)" if improved else "")
+    )
     return {"val_loss": val_loss, "val_ppl": ppl}
 
 
@@ -555,10 +639,16 @@ def evaluate_and_keep_best(model, loss_module, val_set, cfg, tokenizer, device, 
 # Reporting
 
 
-def startup_summary(cfg, device, precision, report, data_summary, dist_info, total_steps, train_set) -> list[str]:
+def startup_summary(
+    cfg, device, precision, report, data_summary, dist_info, total_steps, train_set
+) -> list[str]:
     rows_per_step = cfg.batch_size * cfg.grad_accum * dist_info.world_size
     mean_len = sum(len(e.input_ids) for e in train_set) / len(train_set)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({torch.get_num_threads()} threads)"
+    )
     return [
         f"device: {name}; precision: {precision} (LoRA weights and optimizer state fp32)"
         + (f"; {dist_info.world_size} processes (torchrun)" if dist_info.enabled else ""),
@@ -570,7 +660,9 @@ def startup_summary(cfg, device, precision, report, data_summary, dist_info, tot
     ]
 
 
-def write_train_args(out: Path, cfg, data_summary, report, state, finished: bool, final: dict | None = None) -> None:
+def write_train_args(
+    out: Path, cfg, data_summary, report, state, finished: bool, final: dict | None = None
+) -> None:
     import platform
 
     import transformers
@@ -585,10 +677,15 @@ def write_train_args(out: Path, cfg, data_summary, report, state, finished: bool
         "data": data_summary,
         "final": final or {},
         "versions": {
-            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
         },
     }
-    atomic_write_bytes(out / "train_args.json", (json.dumps(payload, indent=2, ensure_ascii=False, default=str) + "\n").encode())
+    atomic_write_bytes(
+        out / "train_args.json",
+        (json.dumps(payload, indent=2, ensure_ascii=False, default=str) + "\n").encode(),
+    )
 
 
 def append_jsonl(path: Path, record: dict) -> None:
@@ -599,7 +696,9 @@ def append_jsonl(path: Path, record: dict) -> None:
 def read_history(path: Path) -> list:
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [
+        json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
 
 
 def plot_loss(history: list, path: Path, log) -> None:
@@ -632,7 +731,14 @@ def progress_bar(cfg, dist_info, total, initial):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, desc="training", unit="step", dynamic_ncols=True, file=sys.stderr)
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc="training",
+        unit="step",
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
 
 
 def oom_message(cfg) -> str:
@@ -659,18 +765,22 @@ class StopFlag:
         if self.requested and signum == signal.SIGINT and self.escalate:
             raise KeyboardInterrupt
         self.requested = True
-        print(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step...", file=sys.stderr)
+        print(
+            f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step...",
+            file=sys.stderr,
+        )
 
     def installed(self):
         flag = self
 
         class _Ctx:
             def __enter__(self):
-                self.previous = {s: signal.signal(s, flag._handler) for s in (signal.SIGINT, signal.SIGTERM)}
+                self.previous = {
+                    s: signal.signal(s, flag._handler) for s in (signal.SIGINT, signal.SIGTERM)
+                }
 
             def __exit__(self, *exc):
                 for s, h in self.previous.items():
                     signal.signal(s, h)
 
         return _Ctx()
-

@@ -23,9 +23,16 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 from tools.tiny_qwen import build_tiny_model  # noqa: E402
 
 FIXTURE_TEXTS = [
-    "使用中医知识正确回答适合这个病例的中成药。", "肛门疼痛，痔疮，肛裂。", "可以使用地榆槐角丸。",
-    "Hello world, what is LoRA?", "Instruction: Input: Answer:", "你好，世界。头痛发热咳嗽。",
-] + [row["output"] + row["input"] for row in json.loads((ROOT / "data" / "chinese_med.json").read_text(encoding="utf-8"))]
+    "使用中医知识正确回答适合这个病例的中成药。",
+    "肛门疼痛，痔疮，肛裂。",
+    "可以使用地榆槐角丸。",
+    "Hello world, what is LoRA?",
+    "Instruction: Input: Answer:",
+    "你好，世界。头痛发热咳嗽。",
+] + [
+    row["output"] + row["input"]
+    for row in json.loads((ROOT / "data" / "chinese_med.json").read_text(encoding="utf-8"))
+]
 
 
 @pytest.fixture(scope="session")
@@ -39,7 +46,10 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 def standard_init_models(tmp_path_factory) -> dict[str, Path]:
     """Tiny models with the usual 0.02 init (weights of realistic size), for fp32 numerics."""
     base = tmp_path_factory.mktemp("tiny-std")
-    return {arch: build_tiny_model(base / arch, arch, FIXTURE_TEXTS, initializer_range=0.02) for arch in ("qwen2", "qwen3")}
+    return {
+        arch: build_tiny_model(base / arch, arch, FIXTURE_TEXTS, initializer_range=0.02)
+        for arch in ("qwen2", "qwen3")
+    }
 
 
 @pytest.fixture(scope="session")
@@ -73,4 +83,7 @@ def write_json(path: Path, obj) -> Path:
 def overfit_rows(n: int = 8) -> list[dict]:
     """Short, distinct Alpaca rows a tiny model can memorise."""
     rows = json.loads((ROOT / "data" / "chinese_med.json").read_text(encoding="utf-8"))[:n]
-    return [{"instruction": r["input"], "input": "", "output": r["output"].split("。")[0] + "。"} for r in rows]
+    return [
+        {"instruction": r["input"], "input": "", "output": r["output"].split("。")[0] + "。"}
+        for r in rows
+    ]

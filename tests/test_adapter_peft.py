@@ -28,7 +28,9 @@ def randomize_b(model, seed=1):
 
 def peft_model_like(model_dir, targets, r=4, alpha=8):
     base = load_model(str(model_dir))
-    config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM")
+    config = peft.LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM"
+    )
     return peft.get_peft_model(base, config)
 
 
@@ -44,7 +46,9 @@ def copy_ours_into_peft(ours, theirs):
 @pytest.mark.parametrize("targets", [["q_proj", "v_proj"], "all-linear"])
 def test_logits_and_adapter_gradients_equal_peft(arch_dir, targets):
     ours = load_model(str(arch_dir))
-    apply_lora(ours, targets if isinstance(targets, str) else ",".join(targets), r=4, alpha=8, dropout=0.0)
+    apply_lora(
+        ours, targets if isinstance(targets, str) else ",".join(targets), r=4, alpha=8, dropout=0.0
+    )
     randomize_b(ours)
     theirs = peft_model_like(arch_dir, targets)
     copy_ours_into_peft(ours, theirs)
@@ -57,8 +61,12 @@ def test_logits_and_adapter_gradients_equal_peft(arch_dir, targets):
     n_compared = 0
     for name, layer in lora_layers(ours).items():
         target = their_modules[f"base_model.model.{name}"]
-        torch.testing.assert_close(layer.lora_A.weight.grad, target.lora_A["default"].weight.grad, atol=1e-5, rtol=0)
-        torch.testing.assert_close(layer.lora_B.weight.grad, target.lora_B["default"].weight.grad, atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            layer.lora_A.weight.grad, target.lora_A["default"].weight.grad, atol=1e-5, rtol=0
+        )
+        torch.testing.assert_close(
+            layer.lora_B.weight.grad, target.lora_B["default"].weight.grad, atol=1e-5, rtol=0
+        )
         n_compared += 1
     assert n_compared == len(lora_layers(ours)) > 0
 
@@ -72,13 +80,27 @@ def test_saved_file_has_peft_keys_fp32_contiguous_and_pt_metadata(qwen2_dir, tmp
         assert f.metadata() == {"format": "pt"}
         tensors = {k: f.get_tensor(k) for k in keys}
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
-    assert all(".default." not in k and (k.endswith("lora_A.weight") or k.endswith("lora_B.weight")) for k in keys)
+    assert all(
+        ".default." not in k and (k.endswith("lora_A.weight") or k.endswith("lora_B.weight"))
+        for k in keys
+    )
     assert len(keys) == 2 * 2 * model.config.num_hidden_layers
     assert all(t.dtype == torch.float32 for t in tensors.values())
     config = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
-    expected = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8, "bias": "none",
-                "use_dora": False, "modules_to_save": None, "fan_in_fan_out": False, "inference_mode": True,
-                "use_rslora": False, "target_modules": ["q_proj", "v_proj"], "base_model_name_or_path": str(qwen2_dir)}
+    expected = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": 4,
+        "lora_alpha": 8,
+        "bias": "none",
+        "use_dora": False,
+        "modules_to_save": None,
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "use_rslora": False,
+        "target_modules": ["q_proj", "v_proj"],
+        "base_model_name_or_path": str(qwen2_dir),
+    }
     assert {k: config[k] for k in expected} == expected
     assert not list(tmp_path.glob("*.tmp"))  # atomic writes leave no temporaries
 
@@ -93,7 +115,9 @@ def test_our_adapter_loads_in_peft_without_warnings_and_same_logits(arch_dir, tm
         warnings.simplefilter("always")
         theirs = peft.PeftModel.from_pretrained(base, str(tmp_path))
     messages = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
-    assert not [m for m in messages if "missing" in m.lower() or "unexpected" in m.lower()], messages
+    assert not [m for m in messages if "missing" in m.lower() or "unexpected" in m.lower()], (
+        messages
+    )
     x = ids(ours.config.vocab_size)
     torch.testing.assert_close(theirs(x).logits, ours(x).logits, atol=1e-5, rtol=0)
 
@@ -145,7 +169,9 @@ def test_shape_mismatch_without_recorded_shape_names_the_tensor(qwen2_dir, tmp_p
 
     bigger = build_tiny_model(tmp_path / "bigger", "qwen2", ["abc def"], hidden_size=96)
     theirs = peft_model_like(bigger, ["q_proj", "v_proj"])
-    theirs.save_pretrained(str(tmp_path / "peft"))  # peft records no base shape: tensor shapes decide
+    theirs.save_pretrained(
+        str(tmp_path / "peft")
+    )  # peft records no base shape: tensor shapes decide
     with pytest.raises(UserError, match="shape"):
         load_adapter(load_model(str(qwen2_dir)), tmp_path / "peft")
 

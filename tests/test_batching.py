@@ -18,7 +18,9 @@ def test_plan_covers_every_row_once_and_is_deterministic_by_seed_and_epoch():
     plan = plan_batches(ls, 8, seed=1, epoch=0)
     assert sorted(i for b in plan for i in b) == list(range(len(ls)))
     assert plan == plan_batches(ls, 8, seed=1, epoch=0)
-    assert plan != plan_batches(ls, 8, seed=1, epoch=1) and plan != plan_batches(ls, 8, seed=2, epoch=0)
+    assert plan != plan_batches(ls, 8, seed=1, epoch=1) and plan != plan_batches(
+        ls, 8, seed=2, epoch=0
+    )
 
 
 def test_longest_batch_comes_first():

@@ -9,7 +9,11 @@ from lora.data import Turn, read_dataset
 from lora.errors import UserError
 
 ALPACA = [
-    {"instruction": "使用中医知识正确回答适合这个病例的中成药。", "input": "肛门疼痛，痔疮，肛裂。", "output": "地榆槐角丸"},
+    {
+        "instruction": "使用中医知识正确回答适合这个病例的中成药。",
+        "input": "肛门疼痛，痔疮，肛裂。",
+        "output": "地榆槐角丸",
+    },
     {"instruction": "有没有能够滋养肝肾、清热明目的中药。", "output": "杞菊地黄丸"},
 ]
 
@@ -21,9 +25,13 @@ def write(tmp_path, name, text, encoding="utf-8"):
 
 
 def test_alpaca_json_array(tmp_path):
-    samples, report = read_dataset(write(tmp_path, "a.json", json.dumps(ALPACA, ensure_ascii=False)))
+    samples, report = read_dataset(
+        write(tmp_path, "a.json", json.dumps(ALPACA, ensure_ascii=False))
+    )
     assert report.container == "JSON array" and report.kept == 2
-    assert samples[0].turns == (Turn("使用中医知识正确回答适合这个病例的中成药。", "地榆槐角丸", "肛门疼痛，痔疮，肛裂。"),)
+    assert samples[0].turns == (
+        Turn("使用中医知识正确回答适合这个病例的中成药。", "地榆槐角丸", "肛门疼痛，痔疮，肛裂。"),
+    )
     assert samples[1].turns[0].user_input == ""
 
 
@@ -39,19 +47,29 @@ def test_one_element_list_values_as_in_huatuo(tmp_path):
     assert samples[0].turns[0] == Turn("头痛怎么办", "多休息。")
 
 
-@pytest.mark.parametrize("encoding,bom", [("utf-8", b""), ("utf-8", b"\xef\xbb\xbf"), ("gb18030", b""), ("gbk", b"")])
+@pytest.mark.parametrize(
+    "encoding,bom", [("utf-8", b""), ("utf-8", b"\xef\xbb\xbf"), ("gb18030", b""), ("gbk", b"")]
+)
 def test_encodings(tmp_path, encoding, bom):
     text = json.dumps(ALPACA, ensure_ascii=False)
     samples, report = read_dataset(write(tmp_path, "e.json", bom + text.encode(encoding)))
     assert samples[0].turns[0].assistant == "地榆槐角丸"
-    assert report.encoding == {"utf-8": "utf-8-sig" if bom else "utf-8", "gb18030": "gb18030", "gbk": "gb18030"}[encoding]
+    assert (
+        report.encoding
+        == {"utf-8": "utf-8-sig" if bom else "utf-8", "gb18030": "gb18030", "gbk": "gb18030"}[
+            encoding
+        ]
+    )
 
 
 def test_gb18030_csv_with_header(tmp_path):
     text = "department,title,ask,answer\n内科,高血压,高血压患者能吃党参吗？,可以适量服用。\n内科,头痛,头痛怎么办,注意休息。\n"
     samples, report = read_dataset(write(tmp_path, "c.csv", text, "gb18030"))
     assert report.encoding == "gb18030" and report.container == "CSV"
-    assert [s.turns[0] for s in samples] == [Turn("高血压患者能吃党参吗？", "可以适量服用。"), Turn("头痛怎么办", "注意休息。")]
+    assert [s.turns[0] for s in samples] == [
+        Turn("高血压患者能吃党参吗？", "可以适量服用。"),
+        Turn("头痛怎么办", "注意休息。"),
+    ]
 
 
 def test_damaged_utf8_names_file_and_byte_offset(tmp_path):
@@ -65,13 +83,31 @@ def test_damaged_utf8_names_file_and_byte_offset(tmp_path):
 
 def test_messages_and_sharegpt_multiturn_with_system(tmp_path):
     rows = [
-        {"messages": [{"role": "system", "content": "你是医生"}, {"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
-                      {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]},
-        {"conversation": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": "dangling"}]},
+        {
+            "messages": [
+                {"role": "system", "content": "你是医生"},
+                {"role": "user", "content": "q1"},
+                {"role": "assistant", "content": "a1"},
+                {"role": "user", "content": "q2"},
+                {"role": "assistant", "content": "a2"},
+            ]
+        },
+        {
+            "conversation": [
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": "a"},
+                {"role": "user", "content": "dangling"},
+            ]
+        },
         {"conversations": [{"from": "human", "value": "h"}, {"from": "gpt", "value": "g"}]},
     ]
-    samples, report = read_dataset(write(tmp_path, "m.jsonl", "\n".join(json.dumps(r) for r in rows)))
-    assert samples[0].system == "你是医生" and samples[0].turns == (Turn("q1", "a1"), Turn("q2", "a2"))
+    samples, report = read_dataset(
+        write(tmp_path, "m.jsonl", "\n".join(json.dumps(r) for r in rows))
+    )
+    assert samples[0].system == "你是医生" and samples[0].turns == (
+        Turn("q1", "a1"),
+        Turn("q2", "a2"),
+    )
     assert samples[1].turns == (Turn("q", "a"),)
     assert report.notes["trailing user turn without an answer dropped"] == 1
     assert samples[2].turns == (Turn("h", "g"),)
@@ -92,22 +128,36 @@ def test_columns_mapping_joins_columns(tmp_path):
 
 def test_every_bad_row_reason_is_counted_with_row_numbers(tmp_path):
     lines = [
-        json.dumps(ALPACA[0], ensure_ascii=False),                       # 1 ok
-        "{not json",                                                       # 2 malformed
-        json.dumps({"instruction": "q", "output": ""}),                   # 3 empty output
-        json.dumps({"instruction": "q"}),                                 # 4 missing output
-        json.dumps({"instruction": "q", "output": None}),                 # 5 null
-        json.dumps({"instruction": "q", "output": 42}),                   # 6 non-string
-        json.dumps({"foo": "bar"}),                                       # 7 unknown schema
-        json.dumps({"conversations": [{"from": "gpt", "value": "a"}, {"from": "human", "value": "q"}, {"from": "gpt", "value": "b"}]}),  # 8 order
-        json.dumps({"conversations": [{"from": "human", "value": ""}, {"from": "gpt", "value": "b"}]}),  # 9 empty turn
-        json.dumps(ALPACA[0], ensure_ascii=False),                       # 10 duplicate of 1
+        json.dumps(ALPACA[0], ensure_ascii=False),  # 1 ok
+        "{not json",  # 2 malformed
+        json.dumps({"instruction": "q", "output": ""}),  # 3 empty output
+        json.dumps({"instruction": "q"}),  # 4 missing output
+        json.dumps({"instruction": "q", "output": None}),  # 5 null
+        json.dumps({"instruction": "q", "output": 42}),  # 6 non-string
+        json.dumps({"foo": "bar"}),  # 7 unknown schema
+        json.dumps(
+            {
+                "conversations": [
+                    {"from": "gpt", "value": "a"},
+                    {"from": "human", "value": "q"},
+                    {"from": "gpt", "value": "b"},
+                ]
+            }
+        ),  # 8 order
+        json.dumps(
+            {"conversations": [{"from": "human", "value": ""}, {"from": "gpt", "value": "b"}]}
+        ),  # 9 empty turn
+        json.dumps(ALPACA[0], ensure_ascii=False),  # 10 duplicate of 1
     ]
     samples, report = read_dataset(write(tmp_path, "bad.jsonl", "\n".join(lines)))
     assert report.rows_read == 10 and report.kept == 2 and len(samples) == 2
     assert report.skipped == {
-        "malformed JSON line": 1, "missing or empty output": 3, "null or non-string value": 1,
-        "unknown schema": 1, "bad turn order (expected user/assistant alternating)": 1, "empty turn": 1,
+        "malformed JSON line": 1,
+        "missing or empty output": 3,
+        "null or non-string value": 1,
+        "unknown schema": 1,
+        "bad turn order (expected user/assistant alternating)": 1,
+        "empty turn": 1,
     }
     assert report.skipped_rows["missing or empty output"] == [3, 4, 5]
     assert report.duplicates == 1
@@ -138,7 +188,9 @@ def test_missing_file_is_an_error(tmp_path):
 
 def test_questions_mode_keeps_rows_without_answers(tmp_path):
     rows = [{"instruction": "q"}, {"messages": [{"role": "user", "content": "a"}]}]
-    samples, _ = read_dataset(write(tmp_path, "q.jsonl", "\n".join(json.dumps(r) for r in rows)), questions=True)
+    samples, _ = read_dataset(
+        write(tmp_path, "q.jsonl", "\n".join(json.dumps(r) for r in rows)), questions=True
+    )
     assert [s.turns[-1] for s in samples] == [Turn("q", ""), Turn("a", "")]
 
 
@@ -179,6 +231,8 @@ def test_unknown_role_and_conversation_without_answer_are_counted(tmp_path):
         {"messages": [{"role": "user", "content": "only a question"}]},
         {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
     ]
-    samples, report = read_dataset(write(tmp_path, "r.jsonl", "\n".join(json.dumps(r) for r in rows)))
+    samples, report = read_dataset(
+        write(tmp_path, "r.jsonl", "\n".join(json.dumps(r) for r in rows))
+    )
     assert len(samples) == 1
     assert report.skipped == {"unknown role 'tool'": 1, "no assistant turn": 1}

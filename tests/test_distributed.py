@@ -10,20 +10,53 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, overfit_rows, write_json
 
-COMMON = ["--targets", "all-linear", "--rank", "4", "--alpha", "8", "--dropout", "0", "--lr", "1e-2", "--warmup", "0",
-          "--grad-accum", "2", "--max-steps", "4", "--seed", "3", "--no-progress"]
+COMMON = [
+    "--targets",
+    "all-linear",
+    "--rank",
+    "4",
+    "--alpha",
+    "8",
+    "--dropout",
+    "0",
+    "--lr",
+    "1e-2",
+    "--warmup",
+    "0",
+    "--grad-accum",
+    "2",
+    "--max-steps",
+    "4",
+    "--seed",
+    "3",
+    "--no-progress",
+]
 
 
 def run(args, nproc=None):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else [sys.executable]
-    p = subprocess.run(launcher + [str(ROOT / "train.py"), *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        if nproc
+        else [sys.executable]
+    )
+    p = subprocess.run(
+        launcher + [str(ROOT / "train.py"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     return p
 
 
 def assert_same_adapter(a_dir, b_dir, atol):
-    a, b = load_file(a_dir / "adapter_model.safetensors"), load_file(b_dir / "adapter_model.safetensors")
+    a, b = (
+        load_file(a_dir / "adapter_model.safetensors"),
+        load_file(b_dir / "adapter_model.safetensors"),
+    )
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0)
@@ -68,9 +101,27 @@ def test_ctrl_c_under_torchrun_saves_once_and_resumes(setup):
     out = tmp / "ddp-interrupted"
     long_args = args + ["--max-steps", "100000"]  # the last --max-steps wins
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(ROOT / "train.py"), *long_args, "--output", str(out), "--batch-size", "2"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(ROOT / "train.py"),
+            *long_args,
+            "--output",
+            str(out),
+            "--batch-size",
+            "2",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.time() + 300
     while not (out / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
@@ -79,7 +130,22 @@ def test_ctrl_c_under_torchrun_saves_once_and_resumes(setup):
     checkpoints = list(out.glob("checkpoint-*"))
     assert len(checkpoints) == 1, stdout + stderr[-3000:]
     assert stdout.count("interrupted: saved") == 1
-    assert (checkpoints[0] / "rng_state_rank0.pt").is_file() and (checkpoints[0] / "rng_state_rank1.pt").is_file()
+    assert (checkpoints[0] / "rng_state_rank0.pt").is_file() and (
+        checkpoints[0] / "rng_state_rank1.pt"
+    ).is_file()
     assert "KeyboardInterrupt" not in stderr
     step = int(checkpoints[0].name.split("-")[1])
-    run(args + ["--output", str(out), "--batch-size", "2", "--resume", "auto", "--max-steps", str(step + 1)], nproc=2)
+    run(
+        args
+        + [
+            "--output",
+            str(out),
+            "--batch-size",
+            "2",
+            "--resume",
+            "auto",
+            "--max-steps",
+            str(step + 1),
+        ],
+        nproc=2,
+    )

@@ -18,22 +18,44 @@ def trained(tiny_models, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("trained")
     rows = overfit_rows(8)
     data = write_json(tmp / "rows.json", rows)
-    cfg = TrainConfig(model=str(tiny_models["qwen2"]), data=str(data), output=str(tmp / "out"), targets="all-linear",
-                      rank=16, alpha=32, dropout=0.0, batch_size=8, grad_accum=1, lr=2e-2, warmup=0, max_steps=80,
-                      progress=False, seed=0)
+    cfg = TrainConfig(
+        model=str(tiny_models["qwen2"]),
+        data=str(data),
+        output=str(tmp / "out"),
+        targets="all-linear",
+        rank=16,
+        alpha=32,
+        dropout=0.0,
+        batch_size=8,
+        grad_accum=1,
+        lr=2e-2,
+        warmup=0,
+        max_steps=80,
+        progress=False,
+        seed=0,
+    )
     train(cfg)
     return tmp / "out", rows
 
 
 def infer(*args, stdin=None):
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, str(ROOT / "infer.py"), *args], capture_output=True, text=True,
-                          env=env, cwd=ROOT, input=stdin, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "infer.py"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        input=stdin,
+        timeout=300,
+    )
 
 
 def test_prompt_gives_the_training_answer_and_stops(trained):
     adapter, rows = trained
-    p = infer("--adapter", str(adapter), "--prompt", rows[1]["instruction"], "--max-new-tokens", "100")
+    p = infer(
+        "--adapter", str(adapter), "--prompt", rows[1]["instruction"], "--max-new-tokens", "100"
+    )
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == rows[1]["output"]
     assert "without an end token" not in p.stderr
@@ -51,7 +73,9 @@ def test_merge_gives_the_same_greedy_tokens(trained):
     merge_lora(loaded.model)
     merged = generate_batch(loaded, questions, settings)
     assert [r["answer"] for r in merged] == [r["answer"] for r in unmerged]
-    assert [r["answer"] for r in unmerged] == [r["output"] for r in rows[:4]]  # batched, left-padded
+    assert [r["answer"] for r in unmerged] == [
+        r["output"] for r in rows[:4]
+    ]  # batched, left-padded
 
 
 def test_export_loads_with_plain_transformers_and_matches(trained, tmp_path):
@@ -69,16 +93,28 @@ def test_export_loads_with_plain_transformers_and_matches(trained, tmp_path):
     question = single_turn(rows[2]["instruction"])
     ids = torch.tensor([encode_prompt(question, loaded.fmt, loaded.tokenizer)])
     with torch.no_grad():
-        torch.testing.assert_close(exported(ids).logits, loaded.model(ids).logits, atol=1e-4, rtol=0)
-    out = exported.generate(ids, max_new_tokens=40, do_sample=False)  # stop ids come from its generation_config
-    text = loaded.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        torch.testing.assert_close(
+            exported(ids).logits, loaded.model(ids).logits, atol=1e-4, rtol=0
+        )
+    out = exported.generate(
+        ids, max_new_tokens=40, do_sample=False
+    )  # stop ids come from its generation_config
+    text = loaded.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     (ours,) = generate_batch(loaded, [question], GenerationSettings(max_new_tokens=40))
     assert text.strip() == ours["answer"] == rows[2]["output"]
 
 
 def test_compare_shows_base_and_fine_tuned(trained):
     adapter, rows = trained
-    p = infer("--adapter", str(adapter), "--prompt", rows[0]["instruction"], "--compare", "--max-new-tokens", "30")
+    p = infer(
+        "--adapter",
+        str(adapter),
+        "--prompt",
+        rows[0]["instruction"],
+        "--compare",
+        "--max-new-tokens",
+        "30",
+    )
     assert p.returncode == 0, p.stderr
     base, tuned = p.stdout.split("=== fine-tuned ===")
     assert "=== base model ===" in base and tuned.strip() == rows[0]["output"]
@@ -88,32 +124,60 @@ def test_compare_shows_base_and_fine_tuned(trained):
 def test_file_writes_one_line_per_question(trained, tmp_path):
     adapter, rows = trained
     questions = write_json(tmp_path / "q.json", rows[:3] + [{"instruction": "没有参考答案的问题"}])
-    p = infer("--adapter", str(adapter), "--file", str(questions), "--output", str(tmp_path / "a.jsonl"),
-              "--max-new-tokens", "30", "--batch-size", "3", "--compare")
+    p = infer(
+        "--adapter",
+        str(adapter),
+        "--file",
+        str(questions),
+        "--output",
+        str(tmp_path / "a.jsonl"),
+        "--max-new-tokens",
+        "30",
+        "--batch-size",
+        "3",
+        "--compare",
+    )
     assert p.returncode == 0, p.stderr
-    lines = [json.loads(l) for l in (tmp_path / "a.jsonl").read_text(encoding="utf-8").splitlines()]
+    lines = [
+        json.loads(line) for line in (tmp_path / "a.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
     assert len(lines) == 4
     assert {"prompt", "reference", "answer", "base_answer"} <= lines[0].keys()
-    assert [l["answer"] for l in lines[:3]] == [r["output"] for r in rows[:3]]
+    assert [row["answer"] for row in lines[:3]] == [r["output"] for r in rows[:3]]
     assert lines[3]["reference"] is None
 
 
 def test_chat_through_standard_input_keeps_history_and_reset(trained):
     adapter, rows = trained
-    p = infer("--adapter", str(adapter), "--chat", "--max-new-tokens", "30",
-              stdin=f"{rows[0]['instruction']}\n/reset\n{rows[1]['instruction']}\n/exit\n")
+    p = infer(
+        "--adapter",
+        str(adapter),
+        "--chat",
+        "--max-new-tokens",
+        "30",
+        stdin=f"{rows[0]['instruction']}\n/reset\n{rows[1]['instruction']}\n/exit\n",
+    )
     assert p.returncode == 0, p.stderr
     assert rows[0]["output"] in p.stdout and rows[1]["output"] in p.stdout
     assert "history cleared" in p.stderr
 
 
-@pytest.mark.parametrize("make_args,needle", [
-    (lambda a, t: ["--adapter", str(t / "missing")], "does not exist"),
-    (lambda a, t: ["--adapter", str(t)], "adapter_config.json is missing"),
-    (lambda a, t: ["--adapter", str(a)], "nothing to ask"),
-    (lambda a, t: ["--adapter", str(a), "--file", str(write_json(t / "e.json", []))], "no usable rows"),
-    (lambda a, t: ["--adapter", str(a), "--prompt", "很长" * 3000], "longer than the model's context"),
-])
+@pytest.mark.parametrize(
+    "make_args,needle",
+    [
+        (lambda a, t: ["--adapter", str(t / "missing")], "does not exist"),
+        (lambda a, t: ["--adapter", str(t)], "adapter_config.json is missing"),
+        (lambda a, t: ["--adapter", str(a)], "nothing to ask"),
+        (
+            lambda a, t: ["--adapter", str(a), "--file", str(write_json(t / "e.json", []))],
+            "no usable rows",
+        ),
+        (
+            lambda a, t: ["--adapter", str(a), "--prompt", "很长" * 3000],
+            "longer than the model's context",
+        ),
+    ],
+)
 def test_bad_inputs_are_clear_messages(trained, tmp_path, make_args, needle):
     adapter, _ = trained
     p = infer(*make_args(adapter, tmp_path), stdin="")

@@ -26,7 +26,11 @@ def test_trainable_count_is_analytic(arch_dir, targets):
     model = load_model(str(arch_dir))
     report = apply_lora(model, targets, r=4, alpha=8)
     expected = sum(4 * (m.in_features + m.out_features) for m in lora_layers(model).values())
-    assert report.trainable_params == expected == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert (
+        report.trainable_params
+        == expected
+        == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    )
     n_layers = model.config.num_hidden_layers
     assert len(report.adapted_modules) == (2 if targets == "q_proj,v_proj" else 7) * n_layers
     assert "trainable params" in str(report) and "%" in str(report)
@@ -84,7 +88,9 @@ def test_unknown_target_is_an_error_listing_the_linear_layers(qwen2_dir):
     with pytest.raises(UserError) as e:
         apply_lora(model, "query_key_value")
     msg = str(e.value)
-    assert "query_key_value" in msg and "q_proj" in msg and "down_proj" in msg and "lm_head" not in msg
+    assert (
+        "query_key_value" in msg and "q_proj" in msg and "down_proj" in msg and "lm_head" not in msg
+    )
 
 
 @pytest.mark.parametrize("kwargs", [{"r": 0}, {"alpha": 0}, {"dropout": 1.5}])

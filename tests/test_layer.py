@@ -106,7 +106,10 @@ def test_dropout_applies_only_to_adapter_input():
     assert torch.equal(layer(x), base(x))
 
 
-@pytest.mark.parametrize("kwargs", [{"r": 0}, {"r": -2}, {"alpha": 0}, {"alpha": -1.0}, {"dropout": 1.0}, {"dropout": -0.1}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"r": 0}, {"r": -2}, {"alpha": 0}, {"alpha": -1.0}, {"dropout": 1.0}, {"dropout": -0.1}],
+)
 def test_bad_hyperparameters_are_clear_errors(kwargs):
     with pytest.raises(UserError) as e:
         make(**kwargs)

@@ -5,10 +5,28 @@ from transformers import AutoTokenizer
 
 from conftest import real_tokenizer
 from lora.data import Sample, Turn
-from lora.prompt import IGNORE_INDEX, PromptFormat, encode_prompt, encode_sample, resolve_template, truncate
+from lora.prompt import (
+    IGNORE_INDEX,
+    PromptFormat,
+    encode_prompt,
+    encode_sample,
+    resolve_template,
+    truncate,
+)
 
-SINGLE = Sample((Turn("使用中医知识正确回答适合这个病例的中成药。", "地榆槐角丸。疏风凉血，泻热润燥。", "肛门疼痛，痔疮，肛裂。"),))
-MULTI = Sample((Turn("头痛怎么办？", "注意休息，多喝水。"), Turn("还需要吃药吗？", "可以服用川芎茶调散。")), system="你是一名中医。")
+SINGLE = Sample(
+    (
+        Turn(
+            "使用中医知识正确回答适合这个病例的中成药。",
+            "地榆槐角丸。疏风凉血，泻热润燥。",
+            "肛门疼痛，痔疮，肛裂。",
+        ),
+    )
+)
+MULTI = Sample(
+    (Turn("头痛怎么办？", "注意休息，多喝水。"), Turn("还需要吃药吗？", "可以服用川芎茶调散。")),
+    system="你是一名中医。",
+)
 
 
 def supervised_runs(enc):
@@ -28,7 +46,11 @@ def supervised_runs(enc):
 
 @pytest.fixture(params=["real", "fixture"])
 def tokenizer(request, qwen2_dir):
-    return real_tokenizer() if request.param == "real" else AutoTokenizer.from_pretrained(str(qwen2_dir))
+    return (
+        real_tokenizer()
+        if request.param == "real"
+        else AutoTokenizer.from_pretrained(str(qwen2_dir))
+    )
 
 
 def test_chat_single_turn_supervises_exactly_answer_and_im_end(tokenizer):
@@ -41,8 +63,13 @@ def test_chat_single_turn_supervises_exactly_answer_and_im_end(tokenizer):
 
 def test_chat_multi_turn_supervises_every_assistant_turn(tokenizer):
     enc = encode_sample(MULTI, PromptFormat("chat"), tokenizer)
-    assert [tokenizer.decode(r) for r in supervised_runs(enc)] == ["注意休息，多喝水。<|im_end|>", "可以服用川芎茶调散。<|im_end|>"]
-    prompt_text = tokenizer.decode([t for t, lab in zip(enc.input_ids, enc.labels) if lab == IGNORE_INDEX])
+    assert [tokenizer.decode(r) for r in supervised_runs(enc)] == [
+        "注意休息，多喝水。<|im_end|>",
+        "可以服用川芎茶调散。<|im_end|>",
+    ]
+    prompt_text = tokenizer.decode(
+        [t for t, lab in zip(enc.input_ids, enc.labels) if lab == IGNORE_INDEX]
+    )
     assert "你是一名中医。" in prompt_text and "还需要吃药吗？" in prompt_text
 
 
@@ -52,7 +79,10 @@ def test_plain_template_supervises_answer_and_eos(tokenizer):
     (run,) = supervised_runs(enc)
     assert tokenizer.decode(run) == "地榆槐角丸。疏风凉血，泻热润燥。" + tokenizer.eos_token
     prompt = tokenizer.decode(enc.input_ids[: len(enc.input_ids) - len(run)])
-    assert prompt == "Instruction: 使用中医知识正确回答适合这个病例的中成药。\nInput: 肛门疼痛，痔疮，肛裂。\nAnswer:\n"
+    assert (
+        prompt
+        == "Instruction: 使用中医知识正确回答适合这个病例的中成药。\nInput: 肛门疼痛，痔疮，肛裂。\nAnswer:\n"
+    )
 
 
 @pytest.mark.parametrize("template", ["chat", "plain"])
@@ -60,8 +90,19 @@ def test_plain_template_supervises_answer_and_eos(tokenizer):
 def test_inference_prompt_equals_training_tokens_up_to_the_answer(tokenizer, template, sample):
     fmt = PromptFormat(template)
     enc = encode_sample(sample, fmt, tokenizer)
-    prompt = encode_prompt(Sample(sample.turns[:-1] + (Turn(sample.turns[-1].user, "", sample.turns[-1].user_input),), sample.system), fmt, tokenizer)
-    last_answer_start = max(i for i in range(len(enc.labels)) if enc.labels[i] != IGNORE_INDEX and enc.labels[i - 1] == IGNORE_INDEX)
+    prompt = encode_prompt(
+        Sample(
+            sample.turns[:-1] + (Turn(sample.turns[-1].user, "", sample.turns[-1].user_input),),
+            sample.system,
+        ),
+        fmt,
+        tokenizer,
+    )
+    last_answer_start = max(
+        i
+        for i in range(len(enc.labels))
+        if enc.labels[i] != IGNORE_INDEX and enc.labels[i - 1] == IGNORE_INDEX
+    )
     assert enc.input_ids[:last_answer_start] == prompt
 
 
@@ -69,7 +110,9 @@ def test_qwen3_template_disables_thinking_in_training_and_inference(tiny_models)
     tok = AutoTokenizer.from_pretrained(str(tiny_models["qwen3"]))
     fmt = PromptFormat("chat")
     enc = encode_sample(SINGLE, fmt, tok)
-    prompt = encode_prompt(Sample((Turn(SINGLE.turns[0].user, "", SINGLE.turns[0].user_input),)), fmt, tok)
+    prompt = encode_prompt(
+        Sample((Turn(SINGLE.turns[0].user, "", SINGLE.turns[0].user_input),)), fmt, tok
+    )
     assert tok.decode(prompt).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
     assert enc.input_ids[: len(prompt)] == prompt
     (run,) = supervised_runs(enc)
@@ -90,7 +133,10 @@ def test_truncation_cuts_prompt_from_the_left_first_and_keeps_the_end_token(toke
     assert cut.input_ids[-n_answer:] == full.input_ids[-n_answer:]  # the whole answer survives
     tiny = encode_sample(SINGLE, fmt, tokenizer, max_len=4)
     assert tiny.truncated == "answer" and len(tiny.input_ids) == 4
-    assert tiny.input_ids[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>") and tiny.labels[-1] != IGNORE_INDEX
+    assert (
+        tiny.input_ids[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
+        and tiny.labels[-1] != IGNORE_INDEX
+    )
 
 
 def test_a_row_with_no_supervised_token_left_is_dropped():

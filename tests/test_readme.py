@@ -12,7 +12,11 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 def commands(script):
     text = README.replace("\\\n", " ")
-    return [m.group(0) for m in re.finditer(rf"python {script}[^\n`#]*", text) if "--help" not in m.group(0)]
+    return [
+        m.group(0)
+        for m in re.finditer(rf"python {script}[^\n`#]*", text)
+        if "--help" not in m.group(0)
+    ]
 
 
 @pytest.mark.parametrize("script", ["train.py", "infer.py"])

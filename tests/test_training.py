@@ -26,14 +26,31 @@ NO_AUTOCAST = torch.autocast("cpu", enabled=False)
 
 
 def cfg(model_dir, data, out, **kw):
-    base = dict(model=str(model_dir), data=str(data), output=str(out), rank=4, alpha=8, dropout=0.0, batch_size=2,
-                grad_accum=1, lr=1e-2, warmup=0, max_steps=4, progress=False, seed=0, targets="all-linear")
+    base = dict(
+        model=str(model_dir),
+        data=str(data),
+        output=str(out),
+        rank=4,
+        alpha=8,
+        dropout=0.0,
+        batch_size=2,
+        grad_accum=1,
+        lr=1e-2,
+        warmup=0,
+        max_steps=4,
+        progress=False,
+        seed=0,
+        targets="all-linear",
+    )
     return TrainConfig(**(base | kw))
 
 
 def encoded_rows(model_dir, answers):
     tok = load_tokenizer(str(model_dir))
-    return tok, [encode_sample(Sample((Turn(f"问题{i}", a),)), PromptFormat("chat"), tok) for i, a in enumerate(answers)]
+    return tok, [
+        encode_sample(Sample((Turn(f"问题{i}", a),)), PromptFormat("chat"), tok)
+        for i, a in enumerate(answers)
+    ]
 
 
 def window_grads(model, micro):
@@ -52,7 +69,10 @@ def lora_model(model_dir):
 
 
 def test_batch4_accum1_equals_batch1_accum4_on_variable_lengths(qwen2_dir):
-    tok, rows = encoded_rows(qwen2_dir, ["短。", "地榆槐角丸。疏风凉血，泻热润燥。", "可以使用六味地黄丸。滋阴补肾。", "好"])
+    tok, rows = encoded_rows(
+        qwen2_dir,
+        ["短。", "地榆槐角丸。疏风凉血，泻热润燥。", "可以使用六味地黄丸。滋阴补肾。", "好"],
+    )
     assert len({len(r.input_ids) for r in rows}) == 4
     model = lora_model(qwen2_dir)
     one_batch = window_grads(model, [collate(rows, tok.pad_token_id)])
@@ -66,7 +86,9 @@ def test_every_supervised_token_weighs_the_same_across_micro_batches(qwen2_dir):
     assert short.n_supervised <= 3 and long.n_supervised >= 100
     model = lora_model(qwen2_dir)
     together = window_grads(model, [collate([short, long], tok.pad_token_id)])
-    apart = window_grads(model, [collate([short], tok.pad_token_id), collate([long], tok.pad_token_id)])
+    apart = window_grads(
+        model, [collate([short], tok.pad_token_id), collate([long], tok.pad_token_id)]
+    )
     for a, b in zip(together, apart):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
     # The common mistake (mean per micro-batch, then mean of means) gives another gradient.
@@ -91,23 +113,40 @@ def test_gradient_checkpointing_keeps_lora_gradients_exact(qwen2_dir):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
 
-def test_overfitting_8_rows_cuts_loss_90_percent_and_generation_reproduces_an_answer(qwen2_dir, tmp_path):
+def test_overfitting_8_rows_cuts_loss_90_percent_and_generation_reproduces_an_answer(
+    qwen2_dir, tmp_path
+):
     rows = overfit_rows(8)
     data = write_json(tmp_path / "rows.json", rows)
-    result = train(cfg(qwen2_dir, data, tmp_path / "out", batch_size=8, max_steps=80, lr=2e-2, rank=16, alpha=32))
+    result = train(
+        cfg(
+            qwen2_dir,
+            data,
+            tmp_path / "out",
+            batch_size=8,
+            max_steps=80,
+            lr=2e-2,
+            rank=16,
+            alpha=32,
+        )
+    )
     first, last = result.history[0]["loss"], result.history[-1]["loss"]
     assert last <= 0.1 * first, (first, last)
 
-    from lora.generate import GenerationSettings, load_for_inference, generate_batch, single_turn
+    from lora.generate import GenerationSettings, generate_batch, load_for_inference, single_turn
 
     loaded = load_for_inference(tmp_path / "out")
-    (r,) = generate_batch(loaded, [single_turn(rows[0]["instruction"])], GenerationSettings(max_new_tokens=60))
+    (r,) = generate_batch(
+        loaded, [single_turn(rows[0]["instruction"])], GenerationSettings(max_new_tokens=60)
+    )
     assert r["answer"] == rows[0]["output"] and r["stopped"]
 
 
 def test_resume_gives_the_same_adapter_as_an_uninterrupted_run(qwen2_dir, tmp_path):
     data = write_json(tmp_path / "rows.json", overfit_rows(12))
-    common = dict(max_steps=6, dropout=0.1, grad_accum=2, save_every=0)  # dropout on: its RNG must resume too
+    common = dict(
+        max_steps=6, dropout=0.1, grad_accum=2, save_every=0
+    )  # dropout on: its RNG must resume too
     train(cfg(qwen2_dir, data, tmp_path / "straight", **common))
     partial = train(cfg(qwen2_dir, data, tmp_path / "resumed", stop_after_steps=3, **common))
     assert not partial.finished and (tmp_path / "resumed" / "checkpoint-3").is_dir()
@@ -119,7 +158,10 @@ def test_resume_gives_the_same_adapter_as_an_uninterrupted_run(qwen2_dir, tmp_pa
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
     # The metrics file continues instead of restarting.
-    steps = [json.loads(l)["step"] for l in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(line)["step"]
+        for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
@@ -141,7 +183,9 @@ def test_resume_rules(qwen2_dir, tmp_path, capsys):
     assert fresh.steps == 1 and not list(out.glob("checkpoint-*"))
 
 
-def test_nan_loss_skips_the_update_and_repeated_nans_stop_with_advice(qwen2_dir, tmp_path, monkeypatch, capsys):
+def test_nan_loss_skips_the_update_and_repeated_nans_stop_with_advice(
+    qwen2_dir, tmp_path, monkeypatch, capsys
+):
     import lora.trainer as trainer
 
     calls = {"n": 0}
@@ -167,27 +211,68 @@ def test_nan_loss_skips_the_update_and_repeated_nans_stop_with_advice(qwen2_dir,
 
 def run_cli(*args, **kw):
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True, env=env, cwd=ROOT, **kw)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        **kw,
+    )
 
 
 def test_cli_run_leaves_every_file(qwen2_dir, tmp_path):
     data = write_json(tmp_path / "rows.json", overfit_rows(16))
     out = tmp_path / "out"
-    p = run_cli("--model", str(qwen2_dir), "--data", str(data), "--output", str(out), "--max-steps", "4",
-                "--batch-size", "2", "--grad-accum", "2", "--val-size", "0.25", "--eval-every", "2", "--save-every", "2",
-                "--keep-last", "1", "--no-progress")
+    p = run_cli(
+        "--model",
+        str(qwen2_dir),
+        "--data",
+        str(data),
+        "--output",
+        str(out),
+        "--max-steps",
+        "4",
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "2",
+        "--val-size",
+        "0.25",
+        "--eval-every",
+        "2",
+        "--save-every",
+        "2",
+        "--keep-last",
+        "1",
+        "--no-progress",
+    )
     assert p.returncode == 0, p.stderr
-    for name in ["adapter_model.safetensors", "adapter_config.json", "adapter_extra.json", "train_args.json",
-                 "metrics.jsonl", "loss_curve.png", "best/adapter_model.safetensors"]:
+    for name in [
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "adapter_extra.json",
+        "train_args.json",
+        "metrics.jsonl",
+        "loss_curve.png",
+        "best/adapter_model.safetensors",
+    ]:
         assert (out / name).is_file(), name
-    assert [c.name for c in out.glob("checkpoint-*")] == ["checkpoint-4"]  # --keep-last 1 pruned checkpoint-2
-    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [c.name for c in out.glob("checkpoint-*")] == [
+        "checkpoint-4"
+    ]  # --keep-last 1 pruned checkpoint-2
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= records[0].keys()
     assert any("val_loss" in r for r in records)
     args = json.loads((out / "train_args.json").read_text())
     assert args["finished"] and args["args"]["max_steps"] == 4 and "torch" in args["versions"]
     assert args["data"]["train_file"]["kept"] == 16
-    for needle in ["trainable params", "effective batch: 4 rows", "padding:", "rows read 16, kept 16"]:
+    for needle in [
+        "trainable params",
+        "effective batch: 4 rows",
+        "padding:",
+        "rows read 16, kept 16",
+    ]:
         assert needle in p.stdout, needle
 
 
@@ -195,9 +280,28 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(qwen2_dir, tmp_path):
     data = write_json(tmp_path / "rows.json", overfit_rows(16))
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--model", str(qwen2_dir), "--data", str(data),
-                             "--output", str(out), "--max-steps", "100000", "--batch-size", "2", "--no-progress"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "--model",
+            str(qwen2_dir),
+            "--data",
+            str(data),
+            "--output",
+            str(out),
+            "--max-steps",
+            "100000",
+            "--batch-size",
+            "2",
+            "--no-progress",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while not (out / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
@@ -211,18 +315,31 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(qwen2_dir, tmp_path):
     assert state["step"] >= 1 and ckpt.name == f"checkpoint-{state['step']}"
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--model", "/no/such/model"], "does not exist"),
-    (["--precision", "bf16"], "needs a CUDA GPU"),
-    (["--data", "/no/such.json"], "does not exist"),
-    (["--rank", "0"], "rank r must be a positive integer"),
-    (["--targets", "qkv"], "match no linear layer"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--model", "/no/such/model"], "does not exist"),
+        (["--precision", "bf16"], "needs a CUDA GPU"),
+        (["--data", "/no/such.json"], "does not exist"),
+        (["--rank", "0"], "rank r must be a positive integer"),
+        (["--targets", "qkv"], "match no linear layer"),
+    ],
+)
 def test_cli_bad_inputs_are_one_clear_line(qwen2_dir, tmp_path, args, needle):
     if torch.cuda.is_available() and "bf16" in args:
         pytest.skip("a GPU is present")
     data = write_json(tmp_path / "rows.json", overfit_rows(4))
-    base = ["--model", str(qwen2_dir), "--data", str(data), "--output", str(tmp_path / "o"), "--max-steps", "1", "--no-progress"]
+    base = [
+        "--model",
+        str(qwen2_dir),
+        "--data",
+        str(data),
+        "--output",
+        str(tmp_path / "o"),
+        "--max-steps",
+        "1",
+        "--no-progress",
+    ]
     p = run_cli(*base, *args)
     assert p.returncode == 2 and needle in p.stderr and "Traceback" not in p.stderr, p.stderr
 

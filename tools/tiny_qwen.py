@@ -79,8 +79,15 @@ def build_tokenizer(texts, out_dir, vocab_size: int = 1000, arch: str = "qwen2")
     return hf
 
 
-def build_tiny_model(out_dir, arch: str = "qwen2", texts=None, hidden_size: int = 64, layers: int = 2, seed: int = 0,
-                     initializer_range: float = 0.2):
+def build_tiny_model(
+    out_dir,
+    arch: str = "qwen2",
+    texts=None,
+    hidden_size: int = 64,
+    layers: int = 2,
+    seed: int = 0,
+    initializer_range: float = 0.2,
+):
     """Save a random-init tiny `arch` model plus tokenizer into `out_dir`; returns the path."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
@@ -121,15 +128,25 @@ def build_tiny_model(out_dir, arch: str = "qwen2", texts=None, hidden_size: int 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("out_dir")
     parser.add_argument("--arch", choices=["qwen2", "qwen3"], default="qwen2")
-    parser.add_argument("--data", default="data/chinese_med.json", help="Alpaca JSON whose text trains the tokenizer")
+    parser.add_argument(
+        "--data",
+        default="data/chinese_med.json",
+        help="Alpaca JSON whose text trains the tokenizer",
+    )
     parser.add_argument("--hidden-size", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     args = parser.parse_args(argv)
-    path = build_tiny_model(args.out_dir, args.arch, demo_texts(args.data), args.hidden_size, args.layers)
-    print(f"tiny random {args.arch} model (meaningless answers, for offline checks) written to {path}")
+    path = build_tiny_model(
+        args.out_dir, args.arch, demo_texts(args.data), args.hidden_size, args.layers
+    )
+    print(
+        f"tiny random {args.arch} model (meaningless answers, for offline checks) written to {path}"
+    )
     return 0
 
 

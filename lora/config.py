@@ -1,0 +1,204 @@
+"""Every setting of a training run, with its default, in one place.
+
+`TrainConfig` is the single source of truth: `train.py`'s command-line flags are generated from
+its fields (name, type, default and help), and a YAML or JSON file passed with `--config` sets
+the same fields. Precedence, lowest first: the defaults here, the config file, the command line.
+
+A finished run's `train_args.json` is itself a valid config: its `"args"` are exactly these
+fields, so `python train.py --config out/train_args.json --output out2` reruns it.
+
+This module imports neither torch nor transformers, so `train.py --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+
+from .errors import UserError
+
+DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
+DEFAULT_TARGETS = ("q_proj", "v_proj")  # the LoRA paper's choice: attention queries and values
+DEFAULT_RANK = 8
+DEFAULT_ALPHA = 16.0
+DEFAULT_DROPOUT = 0.05
+
+
+def _opt(default, help: str, group: str, **flag):
+    """A config field with what its command-line flag needs (help, group, choices, flag name)."""
+    return field(default=default, metadata={"help": help, "group": group, **flag})
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str = _opt(
+        "data/chinese_med.json",
+        "training file: JSON array, JSONL or CSV (Alpaca, messages, ShareGPT, or --columns)",
+        "data",
+    )
+    val_data: str | None = _opt(None, "validation file (same formats)", "data")
+    val_size: float = _opt(
+        0.0,
+        "hold out this fraction (<1) or count (>=1) of --data for validation",
+        "data",
+        kind="number",
+    )
+    columns: str | None = _opt(
+        None,
+        "map other columns, e.g. prompt=Question,response=Complex_CoT+Response (fields: prompt, input, response, system)",
+        "data",
+    )
+    template: str = _opt(
+        "auto",
+        "prompt template: chat = tokenizer's chat template; plain = Instruction/Input/Answer",
+        "data",
+        choices=("auto", "chat", "plain"),
+    )
+    system: str | None = _opt(None, "system prompt for every row (recorded in the adapter)", "data")
+    enable_thinking: bool = _opt(False, "Qwen3: keep thinking mode on in the chat template", "data")
+    max_len: int = _opt(
+        1024, "max tokens per row; longer rows are truncated, keeping the end token", "data"
+    )
+    strict: bool = _opt(False, "stop at the first bad row instead of skipping it", "data")
+    dedup: bool = _opt(False, "drop exact duplicate rows (always counted)", "data")
+    encoding: str | None = _opt(
+        None, "force the file encoding (default: detect UTF-8 / GB18030)", "data"
+    )
+    # model and LoRA
+    model: str = _opt(DEFAULT_MODEL, "hub id or local checkpoint directory", "model and LoRA")
+    targets: str = _opt(
+        ",".join(DEFAULT_TARGETS), "comma-separated module names, or all-linear", "model and LoRA"
+    )
+    rank: int = _opt(DEFAULT_RANK, "LoRA rank r", "model and LoRA")
+    alpha: float = _opt(DEFAULT_ALPHA, "LoRA alpha (scaling = alpha / rank)", "model and LoRA")
+    dropout: float = _opt(DEFAULT_DROPOUT, "dropout on the LoRA input", "model and LoRA")
+    rslora: bool = _opt(False, "rank-stabilised scaling alpha / sqrt(rank)", "model and LoRA")
+    trust_remote_code: bool = _opt(
+        False,
+        "allow model code from the checkpoint (off: only transformers' own code runs)",
+        "model and LoRA",
+    )
+    # training
+    output: str = _opt("out", "output directory", "training")
+    epochs: float = _opt(3.0, "passes over the data", "training")
+    max_steps: int | None = _opt(None, "optimizer steps (overrides --epochs)", "training")
+    batch_size: int = _opt(4, "rows per micro-batch (per process under torchrun)", "training")
+    grad_accum: int = _opt(4, "micro-batches per optimizer step", "training")
+    lr: float = _opt(2e-4, "peak learning rate", "training")
+    warmup: float = _opt(
+        0.03, "warmup steps (>=1) or fraction of total steps (<1)", "training", kind="number"
+    )
+    weight_decay: float = _opt(0.0, "AdamW weight decay", "training")
+    max_grad_norm: float = _opt(1.0, "gradient clipping (0 disables)", "training")
+    precision: str = _opt(
+        "auto",
+        "auto: bf16 (or fp16) on GPU, fp32 on CPU",
+        "training",
+        choices=("auto", "bf16", "fp16", "fp32"),
+    )
+    grad_checkpointing: bool = _opt(
+        False, "recompute activations in backward to save memory", "training"
+    )
+    seed: int = _opt(42, "seed for shuffling, dropout and the validation split", "training")
+    group_by_length: bool = _opt(
+        True, "length-grouped batches (off: plain shuffled batches)", "training"
+    )
+    device: str = _opt("auto", "auto, cpu or cuda", "training")
+    loss_chunk: int | None = _opt(
+        None, "rows of logits per loss chunk (default: sized from the vocabulary)", "training"
+    )
+    # evaluation and checkpoints
+    eval_every: int = _opt(
+        0, "validate every N steps (0: only at the end)", "evaluation and checkpoints"
+    )
+    save_every: int = _opt(
+        0, "checkpoint every N steps (0: only on interrupt)", "evaluation and checkpoints"
+    )
+    keep_last: int = _opt(
+        2, "keep only the newest N checkpoints (0 keeps all)", "evaluation and checkpoints"
+    )
+    resume: str | None = _opt(
+        None,
+        "'auto' (newest checkpoint in --output) or a checkpoint directory",
+        "evaluation and checkpoints",
+    )
+    overwrite: bool = _opt(
+        False, "replace a previous run in --output", "evaluation and checkpoints"
+    )
+    stop_after_steps: int | None = _opt(
+        None,
+        "save a checkpoint and stop after N steps of this invocation (time-limited machines)",
+        "evaluation and checkpoints",
+    )
+    progress: bool = _opt(True, "progress bar", "evaluation and checkpoints")
+
+
+def number(text: str) -> float:
+    """An int if it looks like one (a count), else a float (a fraction)."""
+    value = float(text)
+    return int(value) if value.is_integer() and "." not in text else value
+
+
+def _flag_type(f) -> type:
+    """The scalar type of a field annotation such as `int | None` (annotations are strings here)."""
+    base = f.type.split("|")[0].strip()
+    return {"int": int, "float": float, "str": str, "bool": bool}[base]
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per `TrainConfig` field: `max_len` becomes `--max-len`, booleans become on/off pairs."""
+    groups = {}
+    for f in fields(TrainConfig):
+        meta = f.metadata
+        group = groups.get(meta["group"]) or groups.setdefault(
+            meta["group"], parser.add_argument_group(meta["group"])
+        )
+        flag = "--" + f.name.replace("_", "-")
+        if _flag_type(f) is bool:
+            # --x / --no-x, so a config file's true can be overridden on the command line.
+            group.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"]
+            )
+            continue
+        kind = number if meta.get("kind") == "number" else _flag_type(f)
+        group.add_argument(
+            flag, type=kind, default=f.default, choices=meta.get("choices"), help=meta["help"]
+        )
+
+
+def read_config_file(path) -> dict:
+    """Fields from a YAML or JSON file (or a previous run's train_args.json), checked by name."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--config {path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".json":
+            values = json.loads(text)
+        else:
+            import yaml  # PyYAML comes with transformers; only config files need it
+
+            values = yaml.safe_load(text)
+    except Exception as e:  # json and yaml raise their own error types, with line and column
+        raise UserError(
+            f"--config {path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}"
+        ) from None
+    if isinstance(values, dict) and isinstance(values.get("args"), dict):
+        values = values["args"]  # a run's train_args.json: {"args": {...}, "finished": ..., ...}
+    if not isinstance(values, dict):
+        raise UserError(f"--config {path}: expected a mapping of settings (field: value)")
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(
+            f"--config {path}: unknown setting(s) {', '.join(unknown)}; see python train.py --help"
+        )
+    return values
+
+
+def config_defaults() -> dict:
+    return {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
