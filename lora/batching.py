@@ -68,3 +68,29 @@ def padding_ratio(batches: list[list[int]], lengths: list[int], pad_to: int | No
         total += width * len(batch)
         real += sum(min(lengths[i], width) for i in batch)
     return 1 - real / max(total, 1)
+
+
+def global_batches(
+    lengths, batch_size: int, seed: int, epoch: int, group_by_length=True, world_size=1
+):
+    """The epoch's global batches (`batch_size` rows per process, all processes together).
+
+    Under torchrun a batch too small to give every process a row is dropped.
+    """
+    batches = plan_batches(lengths, batch_size * world_size, seed, epoch, group_by_length)
+    return [b for b in batches if len(b) >= world_size]
+
+
+def training_windows(plan_epoch, grad_accum: int, epoch: int = 0, batch: int = 0):
+    """Yield `(epoch, next batch, window)` forever: one window = one optimizer step's batches.
+
+    `plan_epoch(e)` gives epoch e's batches. Starting at (`epoch`, `batch`) is how a resumed run
+    continues mid-epoch with exactly the batches the interrupted run would have seen; the
+    `next batch` yielded with each window is the position to resume from after it.
+    """
+    while True:
+        batches = plan_epoch(epoch)
+        for start in range(batch, len(batches), grad_accum):
+            window = batches[start : start + grad_accum]
+            yield epoch, start + len(window), window
+        epoch, batch = epoch + 1, 0

@@ -21,11 +21,19 @@ import os
 import random
 import re
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from .adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, atomic_write_bytes, save_adapter
+from .adapter import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    atomic_write_bytes,
+    load_adapter,
+    save_adapter,
+)
+from .distributed import barrier
 from .errors import UserError
 
 STATE_FILE = "training_state.pt"
@@ -51,30 +59,65 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def write_rank_rng(tmp: Path, rank: int) -> None:
-    """Every process stores its own generators (called on all ranks, before `finalize`)."""
-    torch.save(rng_state(), tmp / f"rng_state_rank{rank}.pt")
-
-
-def begin_checkpoint(
-    output_dir, step, model, optimizer, scheduler, scaler, trainer_state: dict, adapter_kwargs: dict
-) -> Path:
-    """Main process: write adapter + optimizer state into the temporary directory."""
-    tmp = tmp_dir_for(output_dir, step)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_adapter(model, tmp, **adapter_kwargs)
+def _write_checkpoint_files(run, tmp: Path) -> None:
+    """Main process: adapter, optimizer/scheduler/scaler state and the step into `tmp`."""
+    save_adapter(run.model, tmp, **run.adapter_meta)
     torch.save(
         {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "scaler": run.scaler.state_dict() if run.scaler is not None else None,
         },
         tmp / STATE_FILE,
     )
-    atomic_write_bytes(tmp / TRAINER_STATE, (json.dumps(trainer_state, indent=2) + "\n").encode())
-    return tmp
+    text = json.dumps(asdict(run.state), indent=2) + "\n"
+    atomic_write_bytes(tmp / TRAINER_STATE, text.encode())
+
+
+def save_checkpoint(run) -> Path:
+    """Write `checkpoint-STEP/` atomically (all processes call this; each adds its RNG state)."""
+    step = run.state.step
+    tmp = tmp_dir_for(run.out, step)
+    if run.dist.is_main:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        _write_checkpoint_files(run, tmp)
+    barrier()
+    torch.save(rng_state(), tmp / f"rng_state_rank{run.dist.rank}.pt")
+    barrier()
+    if run.dist.is_main:
+        finalize_checkpoint(run.out, step)
+        prune_checkpoints(run.out, run.cfg.keep_last)
+    barrier()
+    return run.out / f"checkpoint-{step}"
+
+
+def resume_checkpoint(run, path: Path) -> dict:
+    """Load adapter, optimizer, scheduler, scaler and RNG state; returns the saved trainer state.
+
+    The checkpoint's identity (model, targets, rank, batch layout, ...) must equal this run's:
+    resuming a different run would silently train something else.
+    """
+    saved = read_trainer_state(path)
+    diffs = [
+        f"{k}: checkpoint {saved.get('identity', {}).get(k)!r} vs now {v!r}"
+        for k, v in run.state.identity.items()
+        if saved.get("identity", {}).get(k) != v
+    ]
+    if diffs:
+        raise UserError(
+            f"cannot resume from {path}: the run differs ({'; '.join(diffs)}). Use --overwrite to start over"
+        )
+    load_adapter(run.model, path)
+    opt_state, rng = load_checkpoint_state(path, run.dist.rank, run.device)
+    run.optimizer.load_state_dict(opt_state["optimizer"])
+    run.scheduler.load_state_dict(opt_state["scheduler"])
+    if run.scaler is not None and opt_state.get("scaler"):
+        run.scaler.load_state_dict(opt_state["scaler"])
+    if rng is not None:
+        set_rng_state(rng)
+    return saved
 
 
 def finalize_checkpoint(output_dir, step: int) -> Path:

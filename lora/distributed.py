@@ -12,10 +12,14 @@ is the same code.
 from __future__ import annotations
 
 import os
+import signal
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 
 @dataclass
@@ -69,3 +73,52 @@ def barrier() -> None:
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def shard_rows(batch: list[int], info: DistInfo) -> list[int]:
+    """This process's rows of a global batch: contiguous, balanced, never empty (len >= world)."""
+    if not info.enabled:
+        return batch
+    n, w, r = len(batch), info.world_size, info.rank
+    return batch[r * n // w : (r + 1) * n // w]
+
+
+def wrap_for_data_parallel(module: torch.nn.Module, device: torch.device, info: DistInfo):
+    """DDP around `module` under torchrun (it syncs gradients of work done in its forward)."""
+    if not info.enabled:
+        return module
+    return DistributedDataParallel(
+        module, device_ids=[device.index] if device.type == "cuda" else None
+    )
+
+
+class StopFlag:
+    """Set by Ctrl-C / SIGTERM; the loop saves a checkpoint at the next step boundary.
+
+    A second Ctrl-C stops at once (the previous checkpoint is still valid), except under
+    torchrun: there a terminal's Ctrl-C reaches each worker twice (from the terminal and
+    forwarded by torchrun), and the second one must not cancel the save.
+    """
+
+    def __init__(self, escalate: bool = True):
+        self.requested = False
+        self.escalate = escalate
+
+    def handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT and self.escalate:
+            raise KeyboardInterrupt
+        self.requested = True
+        name = signal.Signals(signum).name
+        print(f"\n{name} received: saving a checkpoint after this step...", file=sys.stderr)
+
+
+@contextmanager
+def stop_signals(escalate: bool = True):
+    """Inside this block Ctrl-C and SIGTERM set a `StopFlag` instead of killing the process."""
+    flag = StopFlag(escalate)
+    previous = {s: signal.signal(s, flag.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -19,7 +19,7 @@ from .data import Sample, Turn
 from .errors import UserError
 from .inject import lora_disabled, remove_lora
 from .model import load_model, load_tokenizer
-from .precision import DTYPES
+from .precision import inference_dtype, pick_device
 from .prompt import PromptFormat, encode_prompt, stop_token_ids
 
 
@@ -53,12 +53,12 @@ class LoadedAdapter:
     base_model: str
 
 
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is available")
-    return torch.device(device)
+def base_model_of(adapter_dir, config: dict, model_override: str | None) -> str:
+    """`--model` when given, else the base model recorded in the adapter's config."""
+    base = model_override or config.get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{adapter_dir}/adapter_config.json names no base model; pass --model")
+    return base
 
 
 def load_for_inference(
@@ -70,14 +70,10 @@ def load_for_inference(
 ) -> LoadedAdapter:
     """Base model (from the adapter's config or `--model`) + adapter, ready to generate."""
     config = read_adapter_config(adapter_dir)
-    base = model_override or config.get("base_model_name_or_path")
-    if not base:
-        raise UserError(f"{adapter_dir}/adapter_config.json names no base model; pass --model")
+    base = base_model_of(adapter_dir, config, model_override)
     dev = pick_device(device)
-    if dtype == "auto":
-        dtype = "bf16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     tokenizer = load_tokenizer(base, trust_remote_code)
-    model = load_model(base, DTYPES[dtype], dev, trust_remote_code)
+    model = load_model(base, inference_dtype(dtype, dev), dev, trust_remote_code)
     load_adapter(model, adapter_dir, dropout=0.0)
     model.eval()
     model.config.use_cache = True
@@ -163,9 +159,7 @@ def export_merged(
     the base checkpoint's own dtype. In bf16/fp16 that rounding changes logits slightly.
     """
     config = read_adapter_config(adapter_dir)
-    base = model_override or config.get("base_model_name_or_path")
-    if not base:
-        raise UserError(f"{adapter_dir}/adapter_config.json names no base model; pass --model")
+    base = base_model_of(adapter_dir, config, model_override)
     tokenizer = load_tokenizer(base, trust_remote_code)
     model = load_model(base, torch.float32, "cpu", trust_remote_code)
     saved_dtype = _checkpoint_dtype(model)

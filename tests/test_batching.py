@@ -4,7 +4,8 @@ import random
 
 import torch
 
-from lora.batching import collate, padding_ratio, plan_batches
+from lora.batching import collate, global_batches, padding_ratio, plan_batches, training_windows
+from lora.distributed import DistInfo, shard_rows
 from lora.prompt import IGNORE_INDEX, Encoded
 
 
@@ -51,15 +52,27 @@ def test_collate_pads_right_and_masks_padding_by_position():
 
 
 def test_under_torchrun_only_a_batch_smaller_than_the_world_is_dropped_and_every_rank_gets_rows():
-    from lora.distributed import DistInfo
-    from lora.trainer import TrainConfig, global_batches, my_slice
-
-    cfg = TrainConfig(seed=0)
     ls = lengths(n=9)
-    batches = global_batches(ls, 8, cfg, 0, DistInfo(rank=0, world_size=4))
+    batches = global_batches(ls, 2, seed=0, epoch=0, world_size=4)  # 2 rows per process x 4
     assert sum(len(b) for b in batches) == 8  # the 1-row batch cannot feed 4 processes
-    kept = global_batches(ls, 6, cfg, 0, DistInfo(rank=0, world_size=2))
+    kept = global_batches(ls, 3, seed=0, epoch=0, world_size=2)
     assert sum(len(b) for b in kept) == 9  # a 3-row batch still feeds 2 processes
     for batch in kept:
-        slices = [my_slice(batch, DistInfo(rank=r, world_size=2)) for r in range(2)]
+        slices = [shard_rows(batch, DistInfo(rank=r, world_size=2)) for r in range(2)]
         assert all(slices) and sorted(i for s in slices for i in s) == sorted(batch)
+
+
+def test_training_windows_resume_mid_epoch_with_the_same_windows():
+    plans = {e: plan_batches(lengths(n=10), 2, seed=0, epoch=e) for e in range(3)}
+    straight = training_windows(plans.__getitem__, grad_accum=2)
+    first = [next(straight) for _ in range(5)]  # 5 batches per epoch: windows of 2, 2, 1
+    assert [(e, nxt, len(w)) for e, nxt, w in first] == [
+        (0, 2, 2),
+        (0, 4, 2),
+        (0, 5, 1),
+        (1, 2, 2),
+        (1, 4, 2),
+    ]
+    epoch, next_batch, _ = first[2]
+    resumed = training_windows(plans.__getitem__, 2, epoch, next_batch)
+    assert [next(resumed) for _ in range(2)] == first[3:]

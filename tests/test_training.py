@@ -186,7 +186,7 @@ def test_resume_rules(qwen2_dir, tmp_path, capsys):
 def test_nan_loss_skips_the_update_and_repeated_nans_stop_with_advice(
     qwen2_dir, tmp_path, monkeypatch, capsys
 ):
-    import lora.trainer as trainer
+    import lora.run
 
     calls = {"n": 0}
 
@@ -197,7 +197,7 @@ def test_nan_loss_skips_the_update_and_repeated_nans_stop_with_advice(
             return (loss * float("nan") if calls["n"] == 2 or always else loss), n
 
     always = False
-    monkeypatch.setattr(trainer, "CausalLMLoss", NaNOnSecond)
+    monkeypatch.setattr(lora.run, "CausalLMLoss", NaNOnSecond)
     data = write_json(tmp_path / "rows.json", overfit_rows(8))
     result = train(cfg(qwen2_dir, data, tmp_path / "a", max_steps=3))
     assert "not finite; update skipped" in capsys.readouterr().out

@@ -1,0 +1,51 @@
+"""Validation: the token-averaged loss on held-out rows, and keeping the best adapter.
+
+The validation loss is computed exactly like the training loss (same template, same masking,
+same shifted cross-entropy), averaged over every supervised token of the whole set. Under
+torchrun each process scores a disjoint share of the rows and the sums are added, so the
+number does not depend on how many processes there are.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .adapter import save_adapter
+from .batching import collate
+from .distributed import all_reduce_sums
+
+
+@torch.no_grad()
+def validation_loss(run, val_set) -> float:
+    """Σ token losses / Σ tokens over `val_set`, exact across processes."""
+    run.model.eval()
+    order = sorted(range(len(val_set)), key=lambda i: len(val_set[i].input_ids))
+    mine = order[run.dist.rank :: run.dist.world_size]
+    total = count = 0.0
+    for start in range(0, len(mine), run.cfg.batch_size):
+        rows = [val_set[i] for i in mine[start : start + run.cfg.batch_size]]
+        batch = {k: v.to(run.device) for k, v in collate(rows, run.pad_id).items()}
+        with run.autocast:
+            loss_sum, n = run.loss(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        total += float(loss_sum)
+        count += n
+    run.model.train()
+    total, count = all_reduce_sums([total, count], run.device)
+    return total / max(count, 1)
+
+
+def evaluate_and_keep_best(run, val_set) -> dict:
+    """Validate; when the loss is the lowest so far, save the adapter to `best/`."""
+    val_loss = validation_loss(run, val_set)
+    ppl = math.exp(min(val_loss, 50))
+    best = run.state.best_val_loss
+    improved = best is None or val_loss < best
+    if improved:
+        run.state.best_val_loss = val_loss
+        if run.dist.is_main:
+            save_adapter(run.model, run.out / "best", **run.adapter_meta)
+    note = " (best so far, saved to best/)" if improved else ""
+    run.log(f"step {run.state.step}: val loss {val_loss:.4f}, perplexity {ppl:.2f}{note}")
+    return {"val_loss": val_loss, "val_ppl": ppl}

@@ -1,0 +1,182 @@
+"""Everything a training run holds, built once by `setup`, so the loop can stay short.
+
+A `Run` carries the model and its LoRA-wrapped loss, the optimizer, the learning-rate schedule,
+the GradScaler (fp16 only), the autocast context, the device, the process's place under
+torchrun, the output directory and the progress so far (`RunState`). Helpers take the run
+instead of long argument lists, and `trainer.py` reads as the pseudo-code in its docstring.
+
+`setup` does, in order: tokenizer and data (the cheap part that fails most often, first),
+model + LoRA injection + freezing, optimizer and schedule, DDP under torchrun, resuming from a
+checkpoint, the startup summary, `train_args.json` and `metrics.jsonl`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .batching import collate, global_batches
+from .checkpoint import resume_checkpoint
+from .config import TrainConfig
+from .distributed import DistInfo, barrier, shard_rows, wrap_for_data_parallel
+from .inject import apply_lora, lora_parameters
+from .loss import CausalLMLoss
+from .metrics import MetricsLog, startup_summary
+from .model import load_model, load_tokenizer
+from .precision import DTYPES, autocast_for, grad_scaler_for
+from .prepare import prepare_data
+from .prompt import PromptFormat, resolve_template, stop_token_ids
+from .rundir import METRICS, RunDirPlan, RunRecord, write_train_args
+from .schedule import warmup_cosine, warmup_steps
+
+
+@dataclass
+class RunState:
+    """Where the run is; saved in every checkpoint as `trainer_state.json`."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # the next batch of `epoch` to train on
+    best_val_loss: float | None = None
+    identity: dict = field(default_factory=dict)  # what a resumed run must share with this one
+
+
+@dataclass
+class Run:
+    cfg: TrainConfig
+    dist: DistInfo
+    device: torch.device
+    precision: str
+    out: Path
+    log: object
+    tokenizer: object
+    model: torch.nn.Module
+    loss: CausalLMLoss  # decoder + supervised-only loss: (loss sum, token count)
+    forward: torch.nn.Module  # `loss`, wrapped in DDP under torchrun
+    params: list
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    autocast: object
+    train_set: list
+    val_set: list
+    lengths: list[int]
+    adapter_meta: dict  # what save_adapter records besides the tensors
+    record: RunRecord
+    metrics: MetricsLog
+    scheduler: object = None  # warmup + cosine, once the number of steps is known
+    total_steps: int = 0
+    state: RunState = field(default_factory=RunState)
+    last_loss: float | None = None  # of the last finite step
+    bad_steps: int = 0  # non-finite steps in a row
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """Epoch `epoch`'s global batches, deterministic given (seed, epoch)."""
+        cfg = self.cfg
+        return global_batches(
+            self.lengths, cfg.batch_size, cfg.seed, epoch, cfg.group_by_length, self.dist.world_size
+        )
+
+    def micro_batches(self, window: list[list[int]]) -> list[dict]:
+        """This process's share of each global batch of the window, padded into tensors."""
+        # Multiples of 8 suit GPU tensor cores; on CPU they would only add padding.
+        multiple = 8 if self.device.type == "cuda" else 1
+        return [
+            collate([self.train_set[i] for i in shard_rows(b, self.dist)], self.pad_id, multiple)
+            for b in window
+        ]
+
+
+def _quiet(*args, **kwargs):
+    pass
+
+
+def setup(cfg: TrainConfig, plan: RunDirPlan, dist: DistInfo, device, precision: str) -> Run:
+    """Build the run: data, model with LoRA, optimizer, schedule; resume if asked."""
+    log = print if dist.is_main else _quiet
+    out = Path(cfg.output)
+    torch.manual_seed(cfg.seed + dist.rank)
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    fmt = PromptFormat(resolve_template(tokenizer, cfg.template), cfg.system, cfg.enable_thinking)
+    train_set, val_set, data_summary = prepare_data(cfg, tokenizer, fmt, log)
+    model, report = load_model_with_lora(cfg, device, precision)
+    params = lora_parameters(model)
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda"
+    )
+    loss = CausalLMLoss(model, cfg.loss_chunk)
+    run = Run(
+        cfg=cfg, dist=dist, device=device, precision=precision, out=out, log=log,
+        tokenizer=tokenizer, model=model, loss=loss, forward=wrap_for_data_parallel(loss, device, dist),
+        params=params, optimizer=optimizer, scaler=grad_scaler_for(precision, device),
+        autocast=autocast_for(precision, device), train_set=train_set, val_set=val_set,
+        lengths=[len(e.input_ids) for e in train_set],
+        adapter_meta={"base_model_name_or_path": cfg.model, "extra": {
+            "prompt_format": fmt.to_dict(),
+            "stop_token_ids": stop_token_ids(tokenizer, fmt, model.generation_config),
+        }},
+        record=RunRecord(data_summary, report.trainable_params, report.total_params,
+                         len(report.adapted_modules)),
+        metrics=MetricsLog(out / METRICS, writer=dist.is_main),
+    )  # fmt: skip
+    run.total_steps = count_total_steps(run)
+    warmup = warmup_steps(cfg.warmup, run.total_steps)
+    run.scheduler = warmup_cosine(optimizer, warmup, run.total_steps)
+    run.state.identity = run_identity(cfg, dist, len(train_set))
+    if plan.resume_from is not None:
+        run.state = RunState(**resume_checkpoint(run, plan.resume_from))
+        log(f"resumed from {plan.resume_from} at step {run.state.step}")
+    for line in startup_summary(run, report, run.total_steps):
+        log(line)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_train_args(out, cfg, run.record, asdict(run.state))
+        if plan.resume_from is not None:
+            run.metrics.continue_from(run.state.step)
+        else:
+            run.metrics.start_fresh()
+    barrier()
+    return run
+
+
+def load_model_with_lora(cfg: TrainConfig, device, precision: str):
+    """The frozen base (half precision on GPU), LoRA injected; returns (model, LoRAReport)."""
+    base_dtype = DTYPES[precision] if device.type == "cuda" else torch.float32
+    model = load_model(cfg.model, base_dtype, device, cfg.trust_remote_code)
+    report = apply_lora(model, cfg.targets, cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora)
+    if cfg.grad_checkpointing:
+        # use_reentrant=False: the re-entrant variant drops gradients of inputs that do not
+        # require grad, which would leave every LoRA gradient at zero behind a frozen embedding.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model, report
+
+
+def count_total_steps(run: Run) -> int:
+    """Optimizer steps of the whole run: --max-steps, or --epochs worth of windows."""
+    cfg, info = run.cfg, run.dist
+    batches = run.epoch_batches(0)
+    dropped = len(run.train_set) - sum(len(b) for b in batches)
+    if dropped:
+        run.record.data["rows_skipped_per_epoch_under_torchrun"] = dropped
+        run.log(
+            f"note: each epoch skips one batch of {dropped} row(s): fewer rows than the "
+            f"{info.world_size} processes (a different batch each epoch, since the order is reshuffled)"
+        )
+    steps_per_epoch = math.ceil(len(batches) / cfg.grad_accum)
+    return cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+
+
+def run_identity(cfg: TrainConfig, dist: DistInfo, n_rows: int) -> dict:
+    """What must not change between a run and its resumption."""
+    return {
+        "model": cfg.model, "targets": cfg.targets, "rank": cfg.rank, "alpha": cfg.alpha,
+        "rslora": cfg.rslora, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
+        "world_size": dist.world_size, "seed": cfg.seed, "train_rows": n_rows,
+    }  # fmt: skip
