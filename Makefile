@@ -1,4 +1,4 @@
-# make train | test | demo | bench | clean       (MODEL=, DATA=, ARGS= override)
+# make train | test | lint | format | demo | bench | clean       (MODEL=, DATA=, ARGS= override)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -14,7 +14,7 @@ RUNTIME := $(VENV)/.runtime-installed
 DEV     := $(VENV)/.dev-installed
 DEMO_MODEL := .cache/demo-model
 
-.PHONY: train test demo bench clean
+.PHONY: train test lint format demo bench clean
 
 # Setup is idempotent: the stamp files make a second run install nothing.
 $(RUNTIME): requirements.txt
@@ -33,6 +33,15 @@ train: $(RUNTIME)
 
 test: $(DEV)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+
+# ruff: pyflakes, bugbear, import order, formatting (settings in pyproject.toml).
+lint: $(DEV)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(DEV)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 # The whole pipeline offline on a tiny random model: proves the install, not the answers.
 demo: $(RUNTIME)

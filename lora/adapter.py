@@ -33,12 +33,14 @@ from safetensors import safe_open
 from safetensors.torch import save as save_tensors
 from torch import nn
 
+from .config import DEFAULT_TARGETS
 from .errors import UserError
 from .inject import apply_lora, lora_layers
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
+LORA_PARTS = ("lora_A", "lora_B")
 EXTRA_FILE = "adapter_extra.json"
 
 
@@ -58,16 +60,22 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def lora_weights_by_key(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every LoRA weight of `model` under its PEFT file key, e.g.
+    `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`."""
+    return {
+        f"{PEFT_PREFIX}{name}.{part}.weight": getattr(module, part).weight
+        for name, module in lora_layers(model).items()
+        for part in LORA_PARTS
+    }
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The LoRA tensors under PEFT key names, fp32, contiguous, on CPU."""
-    tensors = {}
-    for name, module in lora_layers(model).items():
-        for part in ("lora_A", "lora_B"):
-            weight = getattr(module, part).weight
-            tensors[f"{PEFT_PREFIX}{name}.{part}.weight"] = (
-                weight.detach().float().contiguous().cpu()
-            )
-    return tensors
+    return {
+        key: weight.detach().float().contiguous().cpu()
+        for key, weight in lora_weights_by_key(model).items()
+    }
 
 
 def model_shape(model: nn.Module) -> dict:
@@ -200,13 +208,13 @@ def load_adapter(model: nn.Module, adapter_dir, dropout: float | None = None) ->
     if not lora_layers(model):
         apply_lora(
             model,
-            targets=config.get("target_modules") or "q_proj,v_proj",
+            targets=config.get("target_modules") or DEFAULT_TARGETS,
             r=int(config["r"]),
             alpha=config.get("lora_alpha", 8),
             dropout=config.get("lora_dropout", 0.0) if dropout is None else dropout,
             use_rslora=bool(config.get("use_rslora", False)),
         )
-    expected = {k: v.shape for k, v in adapter_state_dict(model).items()}
+    expected = {k: v.shape for k, v in lora_weights_by_key(model).items()}
     # PEFT writes `.default.` only in memory, but some tools leak it into files: accept both.
     tensors = {k.replace(".default.weight", ".weight"): v for k, v in tensors.items()}
     missing = sorted(set(expected) - set(tensors))
@@ -223,10 +231,6 @@ def load_adapter(model: nn.Module, adapter_dir, dropout: float | None = None) ->
                 f"needs {tuple(shape)}; the adapter was trained on a base model of another size"
             )
     with torch.no_grad():
-        for name, module in lora_layers(model).items():
-            for part in ("lora_A", "lora_B"):
-                weight = getattr(module, part).weight
-                weight.copy_(
-                    tensors[f"{PEFT_PREFIX}{name}.{part}.weight"].to(weight.device, weight.dtype)
-                )
+        for key, weight in lora_weights_by_key(model).items():
+            weight.copy_(tensors[key].to(weight.device, weight.dtype))
     return config

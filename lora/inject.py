@@ -23,11 +23,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .config import DEFAULT_ALPHA, DEFAULT_DROPOUT, DEFAULT_RANK, DEFAULT_TARGETS
 from .errors import UserError
 from .layer import LoRALinear, check_lora_hyperparameters
 
 ALL_LINEAR = "all-linear"
-DEFAULT_TARGETS = ("q_proj", "v_proj")
 
 
 @dataclass
@@ -63,21 +63,33 @@ def parse_targets(targets) -> str | list[str]:
     return names
 
 
+def _decoder_linears(model: nn.Module, include_wrapped: bool = False):
+    """(full name, module) of every linear layer LoRA may adapt: never `lm_head`, never LoRA's
+    own parts (`lora_A`, `lora_B`, `base_layer`); already wrapped layers when `include_wrapped`."""
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    kinds = (nn.Linear, LoRALinear) if include_wrapped else nn.Linear
+    for name, module in model.named_modules():
+        if isinstance(module, kinds) and module is not out_emb and not _inside_lora(name):
+            yield name, module
+
+
 def linear_module_names(model: nn.Module) -> list[str]:
     """Distinct short names (last path component) of the model's linear layers, lm_head excluded."""
-    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    names = set()
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, LoRALinear)) and module is not out_emb:
-            if isinstance(module, nn.Linear) and _inside_lora(name):
-                continue
-            names.add(name.rsplit(".", 1)[-1])
-    return sorted(names)
+    return sorted(
+        {name.rsplit(".", 1)[-1] for name, _ in _decoder_linears(model, include_wrapped=True)}
+    )
 
 
 def _inside_lora(name: str) -> bool:
     parts = name.split(".")
     return any(p in ("lora_A", "lora_B", "base_layer") for p in parts)
+
+
+def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where the submodule called `name` (e.g. `model.layers.0.self_attn.q_proj`) is."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
 
 
 def _matches(name: str, targets, regex: str | None) -> bool:
@@ -86,7 +98,7 @@ def _matches(name: str, targets, regex: str | None) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def find_target_modules(model: nn.Module, targets="q_proj,v_proj") -> list[str]:
+def find_target_modules(model: nn.Module, targets=DEFAULT_TARGETS) -> list[str]:
     """Full names of the `nn.Linear` modules that `targets` selects (suffix match + isinstance).
 
     `targets` may also be a PEFT-style regex string (matched against the full module name);
@@ -104,15 +116,7 @@ def find_target_modules(model: nn.Module, targets="q_proj,v_proj") -> list[str]:
         parsed = parse_targets(targets)
     if parsed == ALL_LINEAR:
         parsed = linear_module_names(model)
-    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    found = [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear)
-        and module is not out_emb
-        and not _inside_lora(name)
-        and _matches(name, parsed, regex)
-    ]
+    found = [name for name, _ in _decoder_linears(model) if _matches(name, parsed, regex)]
     if not found:
         raise UserError(
             f"LoRA target(s) {targets!r} match no linear layer of this model. "
@@ -123,10 +127,10 @@ def find_target_modules(model: nn.Module, targets="q_proj,v_proj") -> list[str]:
 
 def apply_lora(
     model: nn.Module,
-    targets="q_proj,v_proj",
-    r: int = 8,
-    alpha: float = 16,
-    dropout: float = 0.05,
+    targets=DEFAULT_TARGETS,
+    r: int = DEFAULT_RANK,
+    alpha: float = DEFAULT_ALPHA,
+    dropout: float = DEFAULT_DROPOUT,
     use_rslora: bool = False,
 ) -> LoRAReport:
     """Wrap each target linear of `model` in a `LoRALinear`, freeze the rest, and report.
@@ -136,14 +140,8 @@ def apply_lora(
     check_lora_hyperparameters(r, alpha, dropout)
     names = find_target_modules(model, targets)
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        base = getattr(parent, child)
-        setattr(
-            parent,
-            child,
-            LoRALinear(base, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora),
-        )
+        base = model.get_submodule(name)
+        _replace_module(model, name, LoRALinear(base, r, alpha, dropout, use_rslora))
     trainable = freeze_all_but_lora(model)
     total = sum(p.numel() for p in model.parameters())
     short = sorted({n.rsplit(".", 1)[-1] for n in names})
@@ -208,7 +206,5 @@ def remove_lora(model: nn.Module) -> nn.Module:
     """
     for name, module in lora_layers(model).items():
         module.merge()
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, module.base_layer)
+        _replace_module(model, name, module.base_layer)
     return model

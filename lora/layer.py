@@ -47,6 +47,7 @@ import math
 import torch
 from torch import nn
 
+from .config import DEFAULT_ALPHA, DEFAULT_RANK
 from .errors import UserError
 
 
@@ -61,8 +62,8 @@ class LoRALinear(nn.Module):
     def __init__(
         self,
         base_layer: nn.Linear,
-        r: int = 8,
-        alpha: float = 16,
+        r: int = DEFAULT_RANK,
+        alpha: float = DEFAULT_ALPHA,
         dropout: float = 0.0,
         use_rslora: bool = False,
     ):
@@ -114,12 +115,14 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
+        """h = W0 x + b + scaling · B(A(dropout(x)))   for x: (..., in) -> h: (..., out)."""
+        h = self.base_layer(x)  # W0 x + b, in the base's dtype
         if self.merged or self.disabled:
-            return result  # merged: ΔW is already inside base_layer.weight
-        adapter_dtype = self.lora_A.weight.dtype
-        update = self.lora_B(self.lora_A(self.lora_dropout(x.to(adapter_dtype))))
-        return result + (update * self.scaling).to(result.dtype)
+            return h  # merged: ΔW is already inside W0
+        x = self.lora_dropout(x.to(self.lora_A.weight.dtype))
+        Ax = self.lora_A(x)  # (..., r): the input squeezed through the rank-r bottleneck
+        BAx = self.lora_B(Ax)  # (..., out)
+        return h + (self.scaling * BAx).to(h.dtype)
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:

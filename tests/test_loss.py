@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lora.inject import apply_lora, lora_layers, lora_parameters
-from lora.loss import CausalLMLoss, count_supervised, supervised_loss_sum
+from lora.loss import CausalLMLoss, count_supervised, reference_loss, supervised_loss_sum
 from lora.model import load_model
 from lora.prompt import IGNORE_INDEX
 
@@ -41,6 +41,20 @@ def test_chunked_supervised_loss_equals_model_loss_and_gradients(arch_dir, chunk
     (loss_sum / n).backward()
     for ours, ref in zip((p.grad for p in lora_parameters(model)), ref_grads):
         torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-4)
+
+
+def test_chunked_loss_equals_the_textbook_three_line_cross_entropy(arch_dir):
+    model = load_model(str(arch_dir)).requires_grad_(False)  # the loss assumes a frozen lm_head
+    input_ids, attention, labels = batch(model.config.vocab_size, seed=1)
+    logits = model(input_ids=input_ids, attention_mask=attention).logits
+    textbook = reference_loss(logits, labels)
+    loss_sum, n = CausalLMLoss(model, chunk_size=5)(input_ids, attention, labels)
+    torch.testing.assert_close(loss_sum / n, textbook, atol=1e-5, rtol=0)
+    # Forgetting the shift gives another number: the test can tell.
+    unshifted = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX
+    )
+    assert abs(unshifted.item() - textbook.item()) > 1e-3
 
 
 def test_no_supervised_token_gives_zero_and_keeps_graph():
