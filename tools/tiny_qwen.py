@@ -16,6 +16,10 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 # Qwen2.5's ChatML template, minus tool calling.
@@ -52,9 +56,6 @@ def demo_texts(data_path) -> list[str]:
 
 def build_tokenizer(texts, out_dir, vocab_size: int = 1000, arch: str = "qwen2"):
     """Train a byte-level BPE (any text encodes, no unknown token) and save it as a HF tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -89,9 +90,6 @@ def build_tiny_model(
     initializer_range: float = 0.2,
 ):
     """Save a random-init tiny `arch` model plus tokenizer into `out_dir`; returns the path."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if texts is None:

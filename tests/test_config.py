@@ -1,0 +1,94 @@
+"""One source of settings: flags generated from TrainConfig, --config files, precedence."""
+
+import json
+import subprocess
+import sys
+from dataclasses import asdict, fields
+
+import pytest
+
+from conftest import ROOT, overfit_rows, write_json
+from lora.config import TrainConfig
+from lora.errors import UserError
+from train import build_parser, parse_config
+
+
+def test_every_config_field_has_a_flag_with_the_same_default():
+    parser = build_parser()
+    defaults = vars(parser.parse_args([]))
+    for f in fields(TrainConfig):
+        assert defaults[f.name] == f.default, f.name
+    assert set(defaults) - {f.name for f in fields(TrainConfig)} == {"config"}
+
+
+def test_no_arguments_give_the_dataclass_defaults():
+    assert parse_config([]) == TrainConfig()
+
+
+def test_boolean_flags_turn_on_and_off():
+    assert parse_config(["--dedup"]).dedup is True
+    assert parse_config(["--no-progress"]).progress is False
+    assert parse_config(["--no-group-by-length"]).group_by_length is False
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_config_file_sets_fields_and_the_command_line_overrides_it(tmp_path, suffix):
+    settings = {"rank": 16, "lr": 1e-3, "targets": "all-linear", "progress": False, "val_size": 0.1}
+    path = tmp_path / f"run{suffix}"
+    if suffix == ".json":
+        path.write_text(json.dumps(settings))
+    else:
+        path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in settings.items()))
+    cfg = parse_config(["--config", str(path), "--rank", "4", "--progress"])
+    assert (cfg.rank, cfg.lr, cfg.targets, cfg.val_size) == (4, 1e-3, "all-linear", 0.1)
+    assert cfg.progress is True  # the flag beats the file's false
+
+
+def test_yaml_keys_may_be_written_with_dashes_like_the_flags(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("max-len: 256\ngrad-accum: 2\n")
+    cfg = parse_config(["--config", str(path)])
+    assert (cfg.max_len, cfg.grad_accum) == (256, 2)
+
+
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("rnak: 8\n", "unknown setting(s) rnak"),
+        ("- 1\n- 2\n", "expected a mapping"),
+        ("rank: [8\n", "not valid YAML"),
+    ],
+)
+def test_bad_config_files_are_one_clear_error(tmp_path, text, needle):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        parse_config(["--config", str(path)])
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="no such file"):
+        parse_config(["--config", str(tmp_path / "nope.yaml")])
+
+
+def test_a_finished_runs_train_args_json_reruns_the_same_settings(qwen2_dir, tmp_path):
+    data = write_json(tmp_path / "rows.json", overfit_rows(4))
+    out = tmp_path / "first"
+    argv = ["--model", str(qwen2_dir), "--data", str(data), "--output", str(out), "--max-steps", "1",
+            "--batch-size", "2", "--rank", "4", "--targets", "all-linear", "--no-progress"]  # fmt: skip
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    first = subprocess.run(
+        [sys.executable, "train.py", *argv], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert first.returncode == 0, first.stderr
+    recorded = json.loads((out / "train_args.json").read_text())["args"]
+    rerun = parse_config(
+        ["--config", str(out / "train_args.json"), "--output", str(tmp_path / "second")]
+    )
+    assert asdict(rerun) == recorded | {"output": str(tmp_path / "second")}
+
+
+def test_help_does_not_import_torch():
+    code = "import sys, train; train.build_parser().format_help(); print('torch' in sys.modules)"
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert p.stdout.strip() == "False", p.stderr
