@@ -23,7 +23,7 @@ $(RUNTIME): requirements.txt
 	$(BIN)/python -m pip install -q -r requirements.txt
 	touch $@
 
-$(DEV): $(RUNTIME) requirements-dev.txt
+$(DEV): $(RUNTIME) requirements-dev.txt requirements-eval.txt
 	$(BIN)/python -m pip install -q -r requirements-dev.txt
 	touch $@
 
@@ -53,7 +53,8 @@ demo: $(RUNTIME)
 		--val-size 0.1 --eval-every 20 --save-every 40 --no-progress
 	HF_HUB_OFFLINE=1 $(BIN)/python infer.py --adapter $(OUT)/demo --instruction "使用中医知识正确回答适合这个病例的中成药。" \
 		--input "肛门疼痛，痔疮，肛裂。" --compare --max-new-tokens 40
-	HF_HUB_OFFLINE=1 $(BIN)/python infer.py --adapter $(OUT)/demo --file $(DATA) --compare --max-new-tokens 40 \
+	rm -f $(OUT)/demo/compare.jsonl   # --output resumes a previous file; the demo starts over
+	HF_HUB_OFFLINE=1 $(BIN)/python infer.py --adapter $(OUT)/demo --file $(DATA) --compare --score --max-new-tokens 40 \
 		--output $(OUT)/demo/compare.jsonl
 	HF_HUB_OFFLINE=1 $(BIN)/python infer.py --adapter $(OUT)/demo --export $(OUT)/demo-merged
 	@echo "== demo done: adapter in $(OUT)/demo, before/after in $(OUT)/demo/compare.jsonl, merged model in $(OUT)/demo-merged"

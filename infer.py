@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from lora.errors import UserError
 
@@ -35,7 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="questions file (any format train.py reads; answers become references)",
     )
     q.add_argument(
-        "--output", default=None, help="with --file: write answers here as JSONL (default: stdout)"
+        "--output",
+        default=None,
+        help="with --file: append answers here as JSONL; a rerun skips rows already answered "
+        "(default: stdout)",
     )
     q.add_argument(
         "--chat",
@@ -44,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--columns", default=None, help="with --file: column mapping as in train.py")
     m = p.add_argument_group("modes")
+    m.add_argument(
+        "--score",
+        action="store_true",
+        help="with --file: score the answers against the file's own answers (reference NLL, "
+        "BLEU-4, ROUGE, answer health) into score.json; with --compare for the base model too",
+    )
     m.add_argument(
         "--compare",
         action="store_true",
@@ -88,6 +98,7 @@ def run(args) -> int:
     from lora.adapter import read_adapter_config
     from lora.data import read_dataset
     from lora.inject import merge_lora
+    from lora.score import metric_libraries
 
     read_adapter_config(args.adapter)  # a missing or broken adapter is the first thing to report
     if args.export:
@@ -104,6 +115,12 @@ def run(args) -> int:
         raise UserError(
             "nothing to ask: give --prompt, --instruction, --file or --chat (standard input is not a terminal)"
         )
+    if args.score:
+        if not args.file:
+            raise UserError(
+                "--score needs --file: a file of questions whose answers are the references"
+            )
+        metric_libraries()  # a missing metric library is reported before the model loads
     if args.merge and args.compare:
         raise UserError("--merge and --compare do not combine: compare needs the adapter separate")
 
@@ -140,56 +157,29 @@ def run(args) -> int:
                     file=sys.stderr,
                 )
     if args.file:
-        answer_file(loaded, questions, settings, args)
+        answer_and_score(loaded, questions, settings, args)
     if interactive:
         chat(loaded, settings)
     return 0
 
 
-def answer_file(loaded, questions, settings, args) -> None:
-    from tqdm import tqdm
+def answer_and_score(loaded, questions, settings, args) -> None:
+    """--file: answers as JSONL (resumable with --output); --score: the before/after report."""
+    from lora.adapter import atomic_write_bytes
+    from lora.answers import answer_file
+    from lora.score import format_report, score
 
-    from lora import generate as gen
-    from lora.data import Sample, Turn
-
-    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115 (stdout or a file)
-    try:
-        for start in tqdm(
-            range(0, len(questions), args.batch_size),
-            desc="answering",
-            unit="batch",
-            file=sys.stderr,
-        ):
-            batch = questions[start : start + args.batch_size]
-            # The last turn is the question; its recorded answer (if any) is the reference.
-            asks = [
-                Sample(
-                    s.turns[:-1] + (Turn(s.turns[-1].user, "", s.turns[-1].user_input),),
-                    s.system,
-                    s.row,
-                )
-                for s in batch
-            ]
-            if args.compare:
-                results = gen.generate_compare(loaded, asks, settings)
-            else:
-                results = [{"tuned": r} for r in gen.generate_batch(loaded, asks, settings)]
-            for s, r in zip(batch, results):
-                last = s.turns[-1]
-                line = {
-                    "row": s.row,
-                    "prompt": f"{last.user}\n{last.user_input}".strip(),
-                    "reference": last.assistant or None,
-                    "answer": r["tuned"]["answer"],
-                }
-                if "base" in r:
-                    line["base_answer"] = r["base"]["answer"]
-                out.write(json.dumps(line, ensure_ascii=False) + "\n")
-                out.flush()
-    finally:
-        if out is not sys.stdout:
-            out.close()
-            print(f"answers written to {args.output}", file=sys.stderr)
+    output = Path(args.output) if args.output else None
+    records = answer_file(loaded, questions, settings, args.batch_size, output, args.compare)
+    if output:
+        print(f"answers written to {output}", file=sys.stderr)
+    if args.score:
+        report = score(loaded, questions, records, args.compare, args.batch_size)
+        path = (output.parent if output else Path(args.adapter)) / "score.json"
+        text = json.dumps(report, indent=2, ensure_ascii=False) + "\n"
+        atomic_write_bytes(path, text.encode())
+        print(format_report(report), file=sys.stderr)
+        print(f"scores written to {path}", file=sys.stderr)
 
 
 def chat(loaded, settings) -> None:
