@@ -14,10 +14,13 @@ the model will learn from before spending an hour on it.
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import random
 import time
 from collections import Counter
+from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -110,7 +113,7 @@ def _prepare(cfg, tokenizer, fmt, log, started):
     }
     for line in stats_lines(stats, len(val_set) if val_samples else None, cfg.max_len):
         say(line)
-    say(
+    log(  # not replayed from the cache, which has its own timing line
         f"prepared {rows_in} rows in {seconds:.1f}s ({summary['prepare_rows_per_s']:,.0f} rows/s: "
         f"read, render, tokenize, label)"
     )
@@ -161,48 +164,121 @@ def split_validation(samples: list, val_size: float, seed: int) -> tuple[list, l
 
 
 def encode_all(samples, fmt, tokenizer, max_len, drop_cut=False, progress=False):
-    """Tokenize every sample, CHUNK rows per batch call; returns (TokenizedSet, statistics)."""
+    """Tokenize every sample, CHUNK rows per batch call; returns (TokenizedSet, statistics).
+
+    Rendering (Jinja) and labelling are Python, so on a big set the chunks go to worker
+    processes, one per core; each worker runs the batch tokenizer on its own chunk.
+    """
     from tqdm import tqdm
 
-    renderer = get_renderer(tokenizer, fmt)
-    counts = Counter()
-    pieces = {"ids": [], "labels": [], "lengths": [], "supervised": []}
-    bar = tqdm(total=len(samples), unit="row", desc="tokenizing", delay=2, disable=not progress)
-    for start in range(0, len(samples), CHUNK):
-        chunk = samples[start : start + CHUNK]
-        rows = []
-        for s in chunk:
-            try:
-                sample_rows = renderer.rows(s)
-            except BadRow as e:  # a template that will not let us locate this answer
-                counts[f"skipped: {e}"] += 1
-                continue
-            counts["extra_rows_from_split_conversations"] += len(sample_rows) - 1
-            rows += sample_rows
-        for enc in encode_rows(rows, renderer):
-            _keep(enc, max_len, drop_cut, counts, pieces)
-        bar.update(len(chunk))
-    bar.close()
-    data = TokenizedSet.build(pieces["ids"], pieces["labels"], [pieces["lengths"]])
-    return data, _stats(data, np.asarray(pieces["supervised"], dtype=np.int64), counts)
+    job = partial(
+        encode_chunk, renderer=get_renderer(tokenizer, fmt), max_len=max_len, drop_cut=drop_cut
+    )
+    chunks = [samples[i : i + CHUNK] for i in range(0, len(samples), CHUNK)]
+    done = []
+    with tqdm(
+        total=len(samples), unit="row", desc="tokenizing", delay=2, disable=not progress
+    ) as bar:
+        for result in _map(job, chunks, worker_count(len(samples))):
+            done.append(result)
+            bar.update(result.n_samples)
+    counts = sum((c.counts for c in done), Counter())
+    data = TokenizedSet.build(
+        [c.ids for c in done], [c.labels for c in done], [c.lengths for c in done]
+    )
+    supervised = np.concatenate([c.supervised for c in done] or [np.zeros(0, np.int64)])
+    return data, _stats(data, supervised, counts)
 
 
-def _keep(enc, max_len, drop_cut, counts, pieces) -> None:
-    """Truncate one encoded row and keep it, or count why it is dropped."""
+@dataclass
+class EncodedChunk:
+    """The kept rows of one chunk, flat, with their lengths and what happened to the others."""
+
+    ids: np.ndarray
+    labels: np.ndarray
+    lengths: np.ndarray
+    supervised: np.ndarray
+    counts: Counter
+    n_samples: int
+
+
+def encode_chunk(samples, renderer, max_len, drop_cut) -> EncodedChunk:
+    """Render, tokenize (one batch call), label and truncate a chunk of samples."""
+    counts, rows = Counter(), []
+    for s in samples:
+        try:
+            sample_rows = renderer.rows(s)
+        except BadRow as e:  # a template that will not let us locate this answer
+            counts[f"skipped: {e}"] += 1
+            continue
+        counts["extra_rows_from_split_conversations"] += len(sample_rows) - 1
+        rows += sample_rows
+    kept = [
+        e
+        for e in (_truncated(e, max_len, drop_cut, counts) for e in encode_rows(rows, renderer))
+        if e
+    ]
+    supervised = np.array([e.n_supervised for e in kept], dtype=np.int64)
+
+    def flat(arrays):
+        return np.concatenate(arrays) if arrays else np.zeros(0, np.int32)
+
+    return EncodedChunk(
+        flat([e.input_ids for e in kept]),
+        flat([e.labels for e in kept]),
+        np.array([len(e.input_ids) for e in kept], dtype=np.int64),
+        supervised,
+        counts,
+        len(samples),
+    )
+
+
+def _truncated(enc, max_len, drop_cut, counts):
+    """The row cut to `max_len`, or None (counted) when it is to be dropped."""
     if max_len and len(enc.input_ids) > max_len:
         enc = truncate(enc, max_len)
         counts[enc.truncated] += 1
         if enc.truncated == "answer" and drop_cut:
             counts["dropped_answer_cut"] += 1
-            return
-    n = enc.n_supervised
-    if n == 0:
+            return None
+    if enc.n_supervised == 0:
         counts["dropped_no_supervised_token"] += 1
+        return None
+    return enc
+
+
+def worker_count(n_samples: int) -> int:
+    """Worker processes for `n_samples` rows: none for small sets, else one per core (per rank)."""
+    if n_samples < 4 * CHUNK or "fork" not in mp.get_all_start_methods():
+        return 0
+    per_rank = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return min(per_rank, 8) if per_rank >= 2 else 0
+
+
+_JOB = None  # the job of the current pool; forked workers inherit it with the tokenizer
+
+
+def _run_job(chunk):
+    return _JOB(chunk)
+
+
+def _map(job, chunks, workers):
+    """job(chunk) for every chunk, in order: here, or in `workers` forked processes."""
+    global _JOB
+    if not workers:
+        yield from map(job, chunks)
         return
-    pieces["ids"].append(enc.input_ids)
-    pieces["labels"].append(enc.labels)
-    pieces["lengths"].append(len(enc.input_ids))
-    pieces["supervised"].append(n)
+    _JOB, saved = job, os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one Rust thread per worker process
+    try:
+        with mp.get_context("fork").Pool(workers) as pool:
+            yield from pool.imap(_run_job, chunks)
+    finally:
+        _JOB = None
+        if saved is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM")
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved
 
 
 def _stats(data: TokenizedSet, supervised: np.ndarray, counts: Counter) -> dict:
