@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import torch
 
 from .prompt import IGNORE_INDEX
@@ -46,7 +47,7 @@ def plan_batches(
 
 
 def collate(examples, pad_id: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
-    """Right-pad `Encoded` examples to the batch's longest: input_ids, attention_mask, labels."""
+    """Right-pad rows (`.input_ids`, `.labels`: lists or numpy arrays) to the batch's longest."""
     longest = max(len(e.input_ids) for e in examples)
     width = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
@@ -54,8 +55,8 @@ def collate(examples, pad_id: int, pad_to_multiple_of: int = 1) -> dict[str, tor
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
     for row, e in enumerate(examples):
         n = len(e.input_ids)
-        input_ids[row, :n] = torch.tensor(e.input_ids)
-        labels[row, :n] = torch.tensor(e.labels)
+        input_ids[row, :n] = torch.as_tensor(np.asarray(e.input_ids, dtype=np.int64))
+        labels[row, :n] = torch.as_tensor(np.asarray(e.labels, dtype=np.int64))
         attention_mask[row, :n] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 

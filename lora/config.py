@@ -60,12 +60,25 @@ class TrainConfig:
     system: str | None = _opt(None, "system prompt for every row (recorded in the adapter)", "data")
     enable_thinking: bool = _opt(False, "Qwen3: keep thinking mode on in the chat template", "data")
     max_len: int = _opt(
-        1024, "max tokens per row; longer rows are truncated, keeping the end token", "data"
+        1024,
+        "max tokens per row; longer rows lose old context first, then the answer's tail",
+        "data",
     )
     strict: bool = _opt(False, "stop at the first bad row instead of skipping it", "data")
     dedup: bool = _opt(False, "drop exact duplicate rows (always counted)", "data")
     encoding: str | None = _opt(
         None, "force the file encoding (default: detect UTF-8 / GB18030)", "data"
+    )
+    drop_cut_answers: bool = _opt(
+        False, "drop rows whose answer --max-len cuts (default: keep the part that fits)", "data"
+    )
+    cache: bool = _opt(
+        True, "reuse tokenized data prepared before from the same file and settings", "data"
+    )
+    cache_dir: str | None = _opt(
+        None,
+        "where prepared data is cached (default: $QWEN_LORA_CACHE or ~/.cache/qwen-lora/data)",
+        "data",
     )
     # model and LoRA
     model: str = _opt(DEFAULT_MODEL, "hub id or local checkpoint directory", "model and LoRA")

@@ -9,11 +9,15 @@ Accepted, auto-detected from the content (never from the file extension):
 - encodings: UTF-8 (with or without BOM) and GB18030/GBK, common in Chinese medical data;
 - row shapes:
     Alpaca     {"instruction", "input"?, "output", "system"?}; values may be one-element lists
-    messages   {"messages" | "conversation": [{"role", "content"}, ...]}      (OpenAI style)
+               (a row is Alpaca only when it has "instruction"; input/output alone is a flat pair)
+    messages   {"messages" | "conversation": [{"role", "content", "reasoning_content"?}, ...]}
     ShareGPT   {"conversations": [{"from": "human"|"gpt"|"system", "value"}, ...]}
     flat       any other columns, through `--columns prompt=Question,response=Complex_CoT+Response`
                (several columns joined by "+" are concatenated with a blank line between them);
-               well-known pairs (question/answer, ask/answer, prompt/response, ...) need no flag.
+               well-known pairs (question/answer, ask/answer, input/output, ...) need no flag.
+               A `reasoning=` column (chain of thought, e.g. `Complex_CoT`) and a `system=`
+               column (a per-row system prompt) are optional; `prompt.py` decides where the
+               reasoning goes in the template.
 
 A bad row (malformed line, missing output, null value, odd turn order, ...) is skipped and
 counted under its reason, with the first few row numbers, so a user always learns what was lost.
@@ -31,11 +35,15 @@ from .fileformat import BadRow, decode_bytes, parse_records
 
 @dataclass(frozen=True)
 class Turn:
-    """One exchange. `user_input` is Alpaca's optional `input` (the case, the text to work on)."""
+    """One exchange. `user_input` is Alpaca's optional `input` (the case, the text to work on).
+
+    `reasoning` is an optional chain of thought that precedes the answer (reasoning data sets).
+    """
 
     user: str
     assistant: str
     user_input: str = ""
+    reasoning: str = ""
 
 
 @dataclass(frozen=True)
@@ -129,6 +137,8 @@ KNOWN_FLAT_PAIRS = [
     ("prompt", "completion"),
     ("query", "answer"),
 ]
+# A chain-of-thought column recognised beside such a pair (e.g. huatuo-o1's Complex_CoT).
+KNOWN_REASONING_COLUMNS = ("complex_cot", "reasoning", "reasoning_content", "cot", "thinking")
 
 
 def parse_columns(spec: str | None) -> dict[str, list[str]] | None:
@@ -147,9 +157,9 @@ def parse_columns(spec: str | None) -> dict[str, list[str]] | None:
             raise UserError(f"--columns: expected FIELD=COLUMN[+COLUMN...], got {part!r}")
         key, cols = (s.strip() for s in part.split("=", 1))
         key = aliases.get(key, key)
-        if key not in ("prompt", "input", "response", "system"):
+        if key not in ("prompt", "input", "response", "system", "reasoning"):
             raise UserError(
-                f"--columns: unknown field {key!r}; use prompt, input, response, system"
+                f"--columns: unknown field {key!r}; use prompt, input, response, reasoning, system"
             )
         mapping[key] = [c.strip() for c in cols.split("+") if c.strip()]
     if "prompt" not in mapping or "response" not in mapping:
@@ -205,23 +215,26 @@ def _from_messages(
             raise BadRow("null or non-string value")
         if not value.strip():
             raise BadRow("empty turn")
-        turns.append((role, value.strip()))
+        turns.append((role, value.strip(), _text(m.get("reasoning_content"), "", required=False)))
     system = None
     if turns[0][0] == "system":
         system = turns.pop(0)[1]
     if turns and turns[-1][0] == "user":
         if questions:
-            turns.append(("assistant", ""))  # the question to answer
+            turns.append(("assistant", "", ""))  # the question to answer
         else:
             turns.pop()
             report.notes["trailing user turn without an answer dropped"] += 1
     if not turns:
         raise BadRow("no assistant turn")
-    roles = [r for r, _ in turns]
+    roles = [t[0] for t in turns]
     if roles != ["user", "assistant"] * (len(roles) // 2) or len(roles) % 2:
         raise BadRow("bad turn order (expected user/assistant alternating)")
     return Sample(
-        turns=tuple(Turn(turns[i][1], turns[i + 1][1]) for i in range(0, len(turns), 2)),
+        turns=tuple(
+            Turn(turns[i][1], turns[i + 1][1], reasoning=turns[i + 1][2])
+            for i in range(0, len(turns), 2)
+        ),
         system=system,
     )
 
@@ -233,6 +246,9 @@ def _flat_mapping(rec: dict) -> dict[str, list[str]] | None:
             mapping = {"prompt": [lower[p]], "response": [lower[r]]}
             if "system" in lower:
                 mapping["system"] = [lower["system"]]
+            reasoning = next((lower[k] for k in KNOWN_REASONING_COLUMNS if k in lower), None)
+            if reasoning:
+                mapping["reasoning"] = [reasoning]
             return mapping
     return None
 
@@ -253,10 +269,13 @@ def _from_columns(rec: dict, mapping: dict[str, list[str]], questions: bool = Fa
             )
         return text
 
-    return Sample(
-        turns=(Turn(get("prompt", True), get("response", not questions), get("input", False)),),
-        system=get("system", False) or None,
+    turn = Turn(
+        get("prompt", True),
+        get("response", not questions),
+        get("input", False),
+        get("reasoning", False),
     )
+    return Sample(turns=(turn,), system=get("system", False) or None)
 
 
 def record_to_sample(rec, report: ReadReport, columns=None, questions: bool = False) -> Sample:
@@ -285,7 +304,7 @@ def record_to_sample(rec, report: ReadReport, columns=None, questions: bool = Fa
         if key in rec:
             report.schemas["messages"] += 1
             return _from_messages(rec[key], report, "role", "content", questions=questions)
-    if "instruction" in rec or "output" in rec:
+    if "instruction" in rec:  # an input/output pair without one is a flat pair, below
         report.schemas["alpaca"] += 1
         return _from_alpaca(rec, questions)
     mapping = _flat_mapping(rec)

@@ -2,8 +2,11 @@
 
     read_dataset (data.py)      file -> conversations, bad rows counted
     split                       --val-data, or --val-size rows held out by --seed
-    encode_sample (prompt.py)   conversation -> input_ids + labels, truncated to --max-len
-    summary                     token lengths, supervised tokens, truncations, padding
+    encode_all                  conversations -> rows of input_ids + labels, --max-len applied,
+                                in batches of CHUNK rows through the fast tokenizer
+    TokenizedSet (tokenized.py) the rows in flat int32 arrays, not Python lists
+    cache (cache.py)            the same file, tokenizer and settings again: loaded, not redone
+    summary                     token lengths, supervised tokens, truncations, padding, rows/s
 
 The summary is printed before training and stored in `train_args.json`, so a user sees what
 the model will learn from before spending an hour on it.
@@ -11,19 +14,71 @@ the model will learn from before spending an hour on it.
 
 from __future__ import annotations
 
+import multiprocessing as mp
+import os
 import random
+import time
+from collections import Counter
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
 
 from .batching import padding_ratio, plan_batches
+from .cache import load_cached, load_sets, save_cached
 from .data import read_dataset
 from .errors import UserError
-from .prompt import encode_sample
+from .fileformat import BadRow
+from .prompt import encode_rows, get_renderer, truncate
+from .tokenized import TokenizedSet
+
+CHUNK = 1024  # rows per call of the batch tokenizer: big enough to keep every core busy
 
 
 def prepare_data(cfg, tokenizer, fmt, log):
-    """Read, split, tokenize; print what happened. Returns (train, val, summary dict)."""
+    """Read, split, tokenize (or load all that from the cache); print what happened.
+
+    Returns (train set, validation set, summary dict). `fmt` may be updated in place before
+    tokenizing (thinking on for reasoning rows, the data's shared system prompt), so the
+    adapter records the format the rows were really rendered with.
+    """
+    started = time.perf_counter()
+    use_cache = getattr(cfg, "cache", False)
+    cached = load_cached(cfg, tokenizer, fmt, log) if use_cache else None
+    if cached:
+        train_set, val_set, summary = cached
+        for line in summary["log_lines"]:
+            log(line)
+        log(
+            f"data: loaded from the cache {summary['cache']} in {time.perf_counter() - started:.1f}s"
+        )
+    else:
+        train_set, val_set, summary = _prepare(cfg, tokenizer, fmt, log, started)
+        entry = (
+            save_cached(cfg, tokenizer, fmt, (train_set, val_set, summary), log)
+            if use_cache
+            else None
+        )
+        if entry:  # train from the memory-mapped files: the in-memory arrays are freed
+            train_set, val_set = load_sets(entry)
+            summary["cache"] = str(entry)
+    summary.pop("log_lines")
+    fmt.enable_thinking = summary["prompt_format"]["enable_thinking"]
+    fmt.data_system = summary["prompt_format"]["data_system"]
+    _log_padding(cfg, train_set, summary, log)
+    return train_set, val_set, summary
+
+
+def _prepare(cfg, tokenizer, fmt, log, started):
+    lines = []
+
+    def say(line):
+        lines.append(line)
+        log(line)
+
     samples, report = read_dataset(cfg.data, cfg.columns, cfg.strict, cfg.dedup, cfg.encoding)
     for line in report.lines():
-        log(line)
+        say(line)
     val_samples = []
     summary = {"train_file": report.to_dict()}
     if cfg.val_data:
@@ -31,38 +86,66 @@ def prepare_data(cfg, tokenizer, fmt, log):
             cfg.val_data, cfg.columns, cfg.strict, cfg.dedup, cfg.encoding
         )
         for line in val_report.lines():
-            log(line)
+            say(line)
         summary["val_file"] = val_report.to_dict()
     elif cfg.val_size:
         samples, val_samples = split_validation(samples, cfg.val_size, cfg.seed)
+    adapt_format(fmt, tokenizer, samples, say)
 
-    train_set, stats = encode_all(samples, fmt, tokenizer, cfg.max_len)
-    val_set, val_stats = encode_all(val_samples, fmt, tokenizer, cfg.max_len)
-    if not train_set:
+    drop_cut = getattr(cfg, "drop_cut_answers", False)
+    show = getattr(cfg, "progress", False) and os.environ.get("RANK", "0") == "0"
+    train_set, stats = encode_all(samples, fmt, tokenizer, cfg.max_len, drop_cut, show)
+    val_set, val_stats = encode_all(val_samples, fmt, tokenizer, cfg.max_len, drop_cut, show)
+    if not len(train_set):
         raise UserError(
             f"{cfg.data}: no row has a supervised token left after tokenization (--max-len {cfg.max_len})"
         )
+    seconds = time.perf_counter() - started
     summary["train"] = stats
     if val_samples:
         summary["val"] = val_stats
-    lengths = [len(e.input_ids) for e in train_set]
-    batches = plan_batches(lengths, cfg.batch_size, cfg.seed, 0, cfg.group_by_length)
-    summary["padding_ratio"] = round(padding_ratio(batches, lengths), 4)
-    summary["padding_ratio_if_padded_to_max_len"] = round(
-        padding_ratio(batches, lengths, pad_to=cfg.max_len), 4
+    rows_in = len(samples) + len(val_samples)
+    summary["prepare_seconds"] = round(seconds, 2)
+    summary["prepare_rows_per_s"] = round(rows_in / max(seconds, 1e-9), 1)
+    summary["prompt_format"] = {
+        "enable_thinking": fmt.enable_thinking,
+        "data_system": fmt.data_system,
+    }
+    for line in stats_lines(stats, len(val_set) if val_samples else None, cfg.max_len):
+        say(line)
+    log(  # not replayed from the cache, which has its own timing line
+        f"prepared {rows_in} rows in {seconds:.1f}s ({summary['prepare_rows_per_s']:,.0f} rows/s: "
+        f"read, render, tokenize, label)"
     )
-    log(
-        f"tokens: {stats['rows']} train rows, length p50 {stats['len_p50']} / p95 {stats['len_p95']} / max {stats['len_max']}, "
-        f"{stats['supervised_tokens']:,} supervised of {stats['tokens']:,} tokens; "
-        f"truncated {stats['truncated_prompt']} (prompt) + {stats['truncated_answer']} (answer), "
-        f"dropped {stats['dropped_no_supervised_token']} (no supervised token left)"
-        + (f"; {len(val_set)} validation rows" if val_samples else "")
-    )
-    log(
-        f"padding: {100 * summary['padding_ratio']:.1f}% of batch positions with length-grouped batches "
-        f"(padding every row to --max-len {cfg.max_len} would be {100 * summary['padding_ratio_if_padded_to_max_len']:.1f}%)"
-    )
+    summary["log_lines"] = lines
     return train_set, val_set, summary
+
+
+def adapt_format(fmt, tokenizer, samples, log) -> None:
+    """Settle what the rows imply for the prompt format, before any row is rendered.
+
+    - Rows with reasoning, on a template with a thinking switch (Qwen3): thinking goes on, so
+      the prompt ends where the model starts to think, in training and at inference alike.
+    - Rows that mostly (over half) share one system prompt of their own: it is recorded as
+      `data_system`, which inference uses by default (the rows keep their own prompts).
+    """
+    template = getattr(tokenizer, "chat_template", None) or ""
+    has_switch = fmt.template == "chat" and "enable_thinking" in template
+    if (
+        has_switch
+        and not fmt.enable_thinking
+        and any(t.reasoning for s in samples for t in s.turns)
+    ):
+        fmt.enable_thinking = True
+        log("  note: rows carry reasoning, so Qwen3 thinking mode is on (recorded in the adapter)")
+    systems = Counter(s.system for s in samples if s.system)
+    if systems and fmt.system is None:
+        system, n = systems.most_common(1)[0]
+        if n > len(samples) / 2:
+            fmt.data_system = system
+            log(
+                f"  note: {n} of {len(samples)} rows share a system prompt; inference will use it by default"
+            )
 
 
 def split_validation(samples: list, val_size: float, seed: int) -> tuple[list, list]:
@@ -80,30 +163,178 @@ def split_validation(samples: list, val_size: float, seed: int) -> tuple[list, l
     ]
 
 
-def encode_all(samples, fmt, tokenizer, max_len):
-    """Tokenize every sample; returns (encoded rows, statistics)."""
-    encoded, truncated, dropped = [], {"prompt": 0, "answer": 0}, 0
+def encode_all(samples, fmt, tokenizer, max_len, drop_cut=False, progress=False):
+    """Tokenize every sample, CHUNK rows per batch call; returns (TokenizedSet, statistics).
+
+    Rendering (Jinja) and labelling are Python, so on a big set the chunks go to worker
+    processes, one per core; each worker runs the batch tokenizer on its own chunk.
+    """
+    from tqdm import tqdm
+
+    job = partial(
+        encode_chunk, renderer=get_renderer(tokenizer, fmt), max_len=max_len, drop_cut=drop_cut
+    )
+    chunks = [samples[i : i + CHUNK] for i in range(0, len(samples), CHUNK)]
+    done = []
+    with tqdm(
+        total=len(samples), unit="row", desc="tokenizing", delay=2, disable=not progress
+    ) as bar:
+        for result in _map(job, chunks, worker_count(len(samples))):
+            done.append(result)
+            bar.update(result.n_samples)
+    counts = sum((c.counts for c in done), Counter())
+    data = TokenizedSet.build(
+        [c.ids for c in done], [c.labels for c in done], [c.lengths for c in done]
+    )
+    supervised = np.concatenate([c.supervised for c in done] or [np.zeros(0, np.int64)])
+    return data, _stats(data, supervised, counts)
+
+
+@dataclass
+class EncodedChunk:
+    """The kept rows of one chunk, flat, with their lengths and what happened to the others."""
+
+    ids: np.ndarray
+    labels: np.ndarray
+    lengths: np.ndarray
+    supervised: np.ndarray
+    counts: Counter
+    n_samples: int
+
+
+def encode_chunk(samples, renderer, max_len, drop_cut) -> EncodedChunk:
+    """Render, tokenize (one batch call), label and truncate a chunk of samples."""
+    counts, rows = Counter(), []
     for s in samples:
-        e = encode_sample(s, fmt, tokenizer, max_len)
-        if e is None:
-            dropped += 1
+        try:
+            sample_rows = renderer.rows(s)
+        except BadRow as e:  # a template that will not let us locate this answer
+            counts[f"skipped: {e}"] += 1
             continue
-        if e.truncated:
-            truncated[e.truncated] += 1
-        encoded.append(e)
-    lengths = sorted(len(e.input_ids) for e in encoded) or [0]
+        counts["extra_rows_from_split_conversations"] += len(sample_rows) - 1
+        rows += sample_rows
+    kept = [
+        e
+        for e in (_truncated(e, max_len, drop_cut, counts) for e in encode_rows(rows, renderer))
+        if e
+    ]
+    supervised = np.array([e.n_supervised for e in kept], dtype=np.int64)
+
+    def flat(arrays):
+        return np.concatenate(arrays) if arrays else np.zeros(0, np.int32)
+
+    return EncodedChunk(
+        flat([e.input_ids for e in kept]),
+        flat([e.labels for e in kept]),
+        np.array([len(e.input_ids) for e in kept], dtype=np.int64),
+        supervised,
+        counts,
+        len(samples),
+    )
+
+
+def _truncated(enc, max_len, drop_cut, counts):
+    """The row cut to `max_len`, or None (counted) when it is to be dropped."""
+    if max_len and len(enc.input_ids) > max_len:
+        enc = truncate(enc, max_len)
+        counts[enc.truncated] += 1
+        if enc.truncated == "answer" and drop_cut:
+            counts["dropped_answer_cut"] += 1
+            return None
+    if enc.n_supervised == 0:
+        counts["dropped_no_supervised_token"] += 1
+        return None
+    return enc
+
+
+def worker_count(n_samples: int) -> int:
+    """Worker processes for `n_samples` rows: none for small sets, else one per core (per rank)."""
+    if n_samples < 4 * CHUNK or "fork" not in mp.get_all_start_methods():
+        return 0
+    per_rank = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return min(per_rank, 8) if per_rank >= 2 else 0
+
+
+_JOB = None  # the job of the current pool; forked workers inherit it with the tokenizer
+
+
+def _run_job(chunk):
+    return _JOB(chunk)
+
+
+def _map(job, chunks, workers):
+    """job(chunk) for every chunk, in order: here, or in `workers` forked processes."""
+    global _JOB
+    if not workers:
+        yield from map(job, chunks)
+        return
+    _JOB, saved = job, os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one Rust thread per worker process
+    try:
+        with mp.get_context("fork").Pool(workers) as pool:
+            yield from pool.imap(_run_job, chunks)
+    finally:
+        _JOB = None
+        if saved is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM")
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved
+
+
+def _stats(data: TokenizedSet, supervised: np.ndarray, counts: Counter) -> dict:
+    lengths = np.sort(data.lengths) if len(data) else np.zeros(1, dtype=np.int64)
 
     def percentile(q):
-        return lengths[min(len(lengths) - 1, int(q * len(lengths)))]
+        return int(lengths[min(len(lengths) - 1, int(q * len(lengths)))])
 
-    return encoded, {
-        "rows": len(encoded),
-        "tokens": sum(lengths),
-        "supervised_tokens": sum(e.n_supervised for e in encoded),
+    return {
+        "rows": len(data),
+        "tokens": int(data.lengths.sum()),
+        "supervised_tokens": int(supervised.sum()),
         "len_p50": percentile(0.5),
         "len_p95": percentile(0.95),
-        "len_max": lengths[-1],
-        "truncated_prompt": truncated["prompt"],
-        "truncated_answer": truncated["answer"],
-        "dropped_no_supervised_token": dropped,
+        "len_max": int(lengths[-1]),
+        "truncated_prompt": counts["prompt"],
+        "truncated_answer": counts["answer"],
+        "dropped_answer_cut": counts["dropped_answer_cut"],
+        "dropped_no_supervised_token": counts["dropped_no_supervised_token"],
+        "extra_rows_from_split_conversations": counts["extra_rows_from_split_conversations"],
+        "skipped": {k.split(": ", 1)[1]: v for k, v in counts.items() if k.startswith("skipped")},
     }
+
+
+def stats_lines(stats: dict, n_val: int | None, max_len: int) -> list[str]:
+    """The summary's token lines, as printed before training."""
+    cut = (
+        f"truncated {stats['truncated_prompt']} (prompt) + {stats['truncated_answer']} (answer cut"
+    )
+    cut += (
+        f", {stats['dropped_answer_cut']} of them dropped)" if stats["dropped_answer_cut"] else ")"
+    )
+    lines = [
+        f"tokens: {stats['rows']} train rows, length p50 {stats['len_p50']} / p95 {stats['len_p95']} / max {stats['len_max']}, "
+        f"{stats['supervised_tokens']:,} supervised of {stats['tokens']:,} tokens; {cut}, "
+        f"dropped {stats['dropped_no_supervised_token']} (no supervised token left)"
+        + (f"; {n_val} validation rows" if n_val is not None else "")
+    ]
+    if stats["extra_rows_from_split_conversations"]:
+        lines.append(
+            f"  note    {stats['extra_rows_from_split_conversations']:>6} extra rows: the chat template "
+            "renders past answers differently, so each answer trains on its own inference prompt"
+        )
+    for reason, n in stats["skipped"].items():
+        lines.append(f"  skipped {n:>6} {reason}")
+    return lines
+
+
+def _log_padding(cfg, train_set, summary, log) -> None:
+    lengths = train_set.lengths.tolist()
+    batches = plan_batches(lengths, cfg.batch_size, cfg.seed, 0, cfg.group_by_length)
+    summary["padding_ratio"] = round(padding_ratio(batches, lengths), 4)
+    summary["padding_ratio_if_padded_to_max_len"] = round(
+        padding_ratio(batches, lengths, pad_to=cfg.max_len), 4
+    )
+    log(
+        f"padding: {100 * summary['padding_ratio']:.1f}% of batch positions with length-grouped batches "
+        f"(padding every row to --max-len {cfg.max_len} would be {100 * summary['padding_ratio_if_padded_to_max_len']:.1f}%)"
+    )

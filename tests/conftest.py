@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,8 @@ QWEN_TOKENIZER = SHARED / "models" / "qwen2.5-tokenizer"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Prepared-data cache of test runs: a fresh directory, never the user's ~/.cache.
+os.environ["QWEN_LORA_CACHE"] = tempfile.mkdtemp(prefix="qwen-lora-cache-")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 from tools.tiny_qwen import build_tiny_model  # noqa: E402

@@ -119,8 +119,10 @@ def test_columns_mapping_joins_columns(tmp_path):
     path = write(tmp_path, "r.json", json.dumps(rows))
     samples, _ = read_dataset(path, columns="prompt=Question,response=Complex_CoT+Response")
     assert samples[0].turns[0] == Turn("q", "think\n\nanswer")
-    # Without a mapping, the well-known Question/Response pair is used as is.
-    assert read_dataset(path)[0][0].turns[0] == Turn("q", "answer")
+    # Without a mapping, the well-known Question/Response pair is used, Complex_CoT as reasoning.
+    assert read_dataset(path)[0][0].turns[0] == Turn("q", "answer", reasoning="think")
+    mapped = "prompt=Question,reasoning=Complex_CoT,response=Response"
+    assert read_dataset(path, columns=mapped)[0][0].turns[0] == Turn("q", "answer", "", "think")
     other = write(tmp_path, "o.json", json.dumps([{"Frage": "q", "Antwort": "a"}]))
     with pytest.raises(UserError, match="Frage, Antwort: map them with --columns"):
         read_dataset(other)
@@ -236,3 +238,26 @@ def test_unknown_role_and_conversation_without_answer_are_counted(tmp_path):
     )
     assert len(samples) == 1
     assert report.skipped == {"unknown role 'tool'": 1, "no assistant turn": 1}
+
+
+def test_input_output_pair_without_instruction_is_a_flat_pair(tmp_path):
+    rows = [{"input": "头痛怎么办", "output": "注意休息。"}, {"instruction": "i", "output": "o"}]
+    samples, report = read_dataset(write(tmp_path, "io.json", json.dumps(rows, ensure_ascii=False)))
+    assert [s.turns[0] for s in samples] == [Turn("头痛怎么办", "注意休息。"), Turn("i", "o")]
+    assert report.skipped == {} and report.schemas == {"input/output": 1, "alpaca": 1}
+
+
+def test_messages_keep_reasoning_content_and_per_row_system(tmp_path):
+    rows = [
+        {
+            "messages": [
+                {"role": "system", "content": "你是医生。"},
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": "a", "reasoning_content": "想一想"},
+            ]
+        },
+        {"messages": [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]},
+    ]
+    samples, _ = read_dataset(write(tmp_path, "m.json", json.dumps(rows, ensure_ascii=False)))
+    assert samples[0].turns == (Turn("q", "a", reasoning="想一想"),)
+    assert [s.system for s in samples] == ["你是医生。", None]
