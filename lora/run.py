@@ -116,7 +116,7 @@ def setup(cfg: TrainConfig, plan: RunDirPlan, dist: DistInfo, device, precision:
         tokenizer=tokenizer, model=model, loss=loss, forward=wrap_for_data_parallel(loss, device, dist),
         params=params, optimizer=optimizer, scaler=grad_scaler_for(precision, device),
         autocast=autocast_for(precision, device), train_set=train_set, val_set=val_set,
-        lengths=[len(e.input_ids) for e in train_set],
+        lengths=train_set.lengths.tolist(),
         adapter_meta={"base_model_name_or_path": cfg.model, "extra": {
             "prompt_format": fmt.to_dict(),
             "stop_token_ids": stop_token_ids(tokenizer, fmt, model.generation_config),
