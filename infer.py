@@ -43,6 +43,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="interactive chat reading standard input, even without a terminal",
     )
     q.add_argument("--columns", default=None, help="with --file: column mapping as in train.py")
+    q.add_argument(
+        "--system",
+        default=None,
+        help="system prompt (default: train.py --system, else the one most training rows had; "
+        "'' for none)",
+    )
+    q.add_argument(
+        "--show-reasoning",
+        action="store_true",
+        help="print the model's <think> reasoning before its answer (always kept in --file output)",
+    )
     m = p.add_argument_group("modes")
     m.add_argument(
         "--compare",
@@ -116,8 +127,14 @@ def run(args) -> int:
 
     torch.manual_seed(args.seed)
     loaded = gen.load_for_inference(
-        args.adapter, args.model, args.device, args.dtype, args.trust_remote_code
+        args.adapter, args.model, args.device, args.dtype, args.trust_remote_code, args.system
     )
+    if loaded.system_source == "data":
+        print(
+            f"note: using the system prompt most training rows carried: {loaded.fmt.system!r} "
+            "(--system overrides it)",
+            file=sys.stderr,
+        )
     if args.merge:  # fold LoRA into the weights: same answers, no adapter cost per token
         merge_lora(loaded.model)
     settings = gen.GenerationSettings(
@@ -133,6 +150,8 @@ def run(args) -> int:
             )
         else:
             (r,) = gen.generate_batch(loaded, [sample], settings)
+            if args.show_reasoning and r["reasoning"]:
+                print(f"<think>\n{r['reasoning']}\n</think>\n")
             print(r["answer"])
             if not r["stopped"]:
                 print(
@@ -182,6 +201,8 @@ def answer_file(loaded, questions, settings, args) -> None:
                     "reference": last.assistant or None,
                     "answer": r["tuned"]["answer"],
                 }
+                if r["tuned"]["reasoning"]:
+                    line["reasoning"] = r["tuned"]["reasoning"]
                 if "base" in r:
                     line["base_answer"] = r["base"]["answer"]
                 out.write(json.dumps(line, ensure_ascii=False) + "\n")
@@ -221,7 +242,7 @@ def chat(loaded, settings) -> None:
         (r,) = gen.generate_batch(
             loaded, [Sample(tuple(history) + (Turn(text, ""),))], settings, streamer=streamer
         )
-        history.append(Turn(text, r["answer"]))
+        history.append(Turn(text, r["answer"], reasoning=r["reasoning"]))
 
 
 def main(argv=None) -> int:
