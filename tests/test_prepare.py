@@ -159,11 +159,16 @@ def test_tokenized_set_round_trips_and_rejects_arrays_that_do_not_fit(tmp_path):
         TokenizedSet.load(tmp_path, "x")
 
 
-def test_reasoning_rows_turn_thinking_on_for_a_qwen3_template(tmp_path, tiny_models):
+def test_reasoning_rows_turn_thinking_on_for_a_qwen3_template_and_hit_the_cache(
+    tmp_path, tiny_models
+):
     tok3 = AutoTokenizer.from_pretrained(str(tiny_models["qwen3"]))
     rows = [{"Question": "头痛？", "Complex_CoT": "想一想。", "Response": "休息。"}]
     data = tmp_path / "cot.json"
     data.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
     fmt = PromptFormat("chat")
-    run(config(tmp_path, data=data, cache=False), tok3, fmt)
+    run(config(tmp_path, data=data), tok3, fmt)
     assert fmt.enable_thinking is True
+    again = PromptFormat("chat")  # the cache key is of the inputs, taken before the switch
+    _, _, _, lines = run(config(tmp_path, data=data), tok3, again)
+    assert again.enable_thinking is True and any("loaded from the cache" in x for x in lines)
