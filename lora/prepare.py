@@ -14,6 +14,7 @@ the model will learn from before spending an hour on it.
 
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import os
 import random
@@ -266,10 +267,14 @@ def _map(job, chunks, workers):
         return
     _JOB, saved = job, os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one Rust thread per worker process
+    # Forked workers share the parent's memory until they write to it; the garbage collector
+    # would write to every object it visits, so the objects alive now are frozen out of its way.
+    gc.freeze()
     try:
         with mp.get_context("fork").Pool(workers) as pool:
             yield from pool.imap(_run_job, chunks)
     finally:
+        gc.unfreeze()
         _JOB = None
         if saved is None:
             os.environ.pop("TOKENIZERS_PARALLELISM")
