@@ -61,6 +61,7 @@ demo: $(RUNTIME)
 
 bench: $(DEV)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/run.py $(ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/data_prep.py
 
 clean:
 	rm -rf $(OUT) .cache .pytest_cache $(VENV)

@@ -47,6 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="interactive chat reading standard input, even without a terminal",
     )
     q.add_argument("--columns", default=None, help="with --file: column mapping as in train.py")
+    q.add_argument(
+        "--system",
+        default=None,
+        help="system prompt (default: train.py --system, else the one most training rows had; "
+        "'' for none)",
+    )
+    q.add_argument(
+        "--show-reasoning",
+        action="store_true",
+        help="print the model's <think> reasoning before its answer (always kept in --file output)",
+    )
     m = p.add_argument_group("modes")
     m.add_argument(
         "--score",
@@ -133,8 +144,14 @@ def run(args) -> int:
 
     torch.manual_seed(args.seed)
     loaded = gen.load_for_inference(
-        args.adapter, args.model, args.device, args.dtype, args.trust_remote_code
+        args.adapter, args.model, args.device, args.dtype, args.trust_remote_code, args.system
     )
+    if loaded.system_source == "data":
+        print(
+            f"note: using the system prompt most training rows carried: {loaded.fmt.system!r} "
+            "(--system overrides it)",
+            file=sys.stderr,
+        )
     if args.merge:  # fold LoRA into the weights: same answers, no adapter cost per token
         merge_lora(loaded.model)
     settings = gen.GenerationSettings(
@@ -150,6 +167,8 @@ def run(args) -> int:
             )
         else:
             (r,) = gen.generate_batch(loaded, [sample], settings)
+            if args.show_reasoning and r["reasoning"]:
+                print(f"<think>\n{r['reasoning']}\n</think>\n")
             print(r["answer"])
             if not r["stopped"]:
                 print(
@@ -211,7 +230,7 @@ def chat(loaded, settings) -> None:
         (r,) = gen.generate_batch(
             loaded, [Sample(tuple(history) + (Turn(text, ""),))], settings, streamer=streamer
         )
-        history.append(Turn(text, r["answer"]))
+        history.append(Turn(text, r["answer"], reasoning=r["reasoning"]))
 
 
 def main(argv=None) -> int:

@@ -8,7 +8,9 @@ Reading order (each file holds one idea):
     fileformat.py  bytes to records: encodings, JSON/JSONL/CSV containers
     data.py        records to conversations: schemas, bad rows, what was kept
     prompt.py      prompt templates and label masking (what the model learns to say)
-    prepare.py     the training set: split, tokenize, summarize
+    prepare.py     the training set: split, tokenize in batches, summarize
+    tokenized.py   the tokenized rows in flat int32 arrays, memory-mapped from disk
+    cache.py       prepared data cached by a hash of file, tokenizer and settings
     batching.py    length-grouped batches with dynamic padding, epoch by epoch
     loss.py        shifted cross-entropy on supervised positions only, chunked
     schedule.py    learning-rate warmup + cosine decay

@@ -49,6 +49,8 @@ def answer_record(sample: Sample, result: dict) -> dict:
         if key in result:
             r = result[key]
             record[prefix + "answer"] = r["answer"]
+            if r.get("reasoning"):  # a reasoning model's <think> part, kept apart from the answer
+                record[prefix + "reasoning"] = r["reasoning"]
             record[prefix + "stop_reason"] = "eos" if r["stopped"] else "length"
             record[prefix + "new_tokens"] = r["new_tokens"]
     return record

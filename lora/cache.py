@@ -79,11 +79,15 @@ def cache_key(cfg, tokenizer, fmt) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def load_cached(cfg, tokenizer, fmt, log):
-    """(train, val, summary) from a verified cache entry, else None (a bad entry is removed)."""
+def cache_entry(cfg, tokenizer, fmt) -> Path | None:
+    """Where the prepared data of these inputs lives (None when a data file is missing)."""
     if not all(Path(p).is_file() for p in (cfg.data, cfg.val_data) if p):
-        return None  # reading reports the missing file
-    entry = cache_root(cfg) / cache_key(cfg, tokenizer, fmt)
+        return None  # reading the data reports the missing file
+    return cache_root(cfg) / cache_key(cfg, tokenizer, fmt)
+
+
+def load_cached(entry: Path, log):
+    """(train, val, summary) from a verified cache entry, else None (a bad entry is removed)."""
     if not entry.exists():
         return None
     try:
@@ -112,11 +116,10 @@ def load_sets(entry: Path) -> tuple[TokenizedSet, TokenizedSet]:
     return train, val
 
 
-def save_cached(cfg, tokenizer, fmt, prepared, log) -> Path | None:
+def save_cached(entry: Path, prepared, log) -> Path | None:
     """Write an entry under a temporary name, then rename it into place. Returns its path."""
     train, val, summary = prepared
-    root = cache_root(cfg)
-    entry = root / cache_key(cfg, tokenizer, fmt)
+    root = entry.parent
     tmp = root / f".tmp-{entry.name}-{os.getpid()}"
     try:
         tmp.mkdir(parents=True, exist_ok=True)

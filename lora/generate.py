@@ -9,7 +9,7 @@ answer, and generation stops on every end token the model knows (for Qwen: `<|im
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -20,7 +20,7 @@ from .errors import UserError
 from .inject import lora_disabled, remove_lora
 from .model import load_model, load_tokenizer
 from .precision import inference_dtype, pick_device
-from .prompt import PromptFormat, encode_prompt, stop_token_ids
+from .prompt import PromptFormat, encode_prompt, split_reasoning, stop_token_ids
 
 
 @dataclass
@@ -51,6 +51,7 @@ class LoadedAdapter:
     stop_ids: list[int]
     config: dict
     base_model: str
+    system_source: str | None = None  # "--system", "adapter" (train.py --system), "data", None
 
 
 def base_model_of(adapter_dir, config: dict, model_override: str | None) -> str:
@@ -67,8 +68,13 @@ def load_for_inference(
     device: str = "auto",
     dtype: str = "auto",
     trust_remote_code: bool = False,
+    system: str | None = None,
 ) -> LoadedAdapter:
-    """Base model (from the adapter's config or `--model`) + adapter, ready to generate."""
+    """Base model (from the adapter's config or `--model`) + adapter, ready to generate.
+
+    The system prompt of a question without its own: `system` (infer.py --system), else the
+    one training gave every row (train.py --system), else the one most training rows carried.
+    """
     config = read_adapter_config(adapter_dir)
     base = base_model_of(adapter_dir, config, model_override)
     dev = pick_device(device)
@@ -86,7 +92,19 @@ def load_for_inference(
         set(extra.get("stop_token_ids") or [])
         | set(stop_token_ids(tokenizer, fmt, model.generation_config))
     )
-    return LoadedAdapter(model, tokenizer, fmt, stops, config, base)
+    fmt, source = inference_system(fmt, system)
+    return LoadedAdapter(model, tokenizer, fmt, stops, config, base, source)
+
+
+def inference_system(fmt: PromptFormat, system: str | None) -> tuple[PromptFormat, str | None]:
+    """The format with the system prompt inference uses, and where that prompt comes from."""
+    if system is not None:
+        return replace(fmt, system=system or None), "--system"
+    if fmt.system:
+        return fmt, "adapter"
+    if fmt.data_system:
+        return replace(fmt, system=fmt.data_system), "data"
+    return fmt, None
 
 
 def context_length(model) -> int | None:
@@ -97,7 +115,11 @@ def context_length(model) -> int | None:
 def generate_batch(
     loaded: LoadedAdapter, samples: list[Sample], settings: GenerationSettings, streamer=None
 ) -> list[dict]:
-    """Answer the last user turn of each sample. Returns [{"answer", "stopped", "new_tokens"}]."""
+    """Answer the last user turn of each sample.
+
+    Returns [{"answer", "reasoning", "stopped", "new_tokens"}]: a `<think>…</think>` block the
+    model writes first (reasoning-trained adapters) is `reasoning`, the rest is `answer`.
+    """
     tok, model = loaded.tokenizer, loaded.model
     prompts = [encode_prompt(s, loaded.fmt, tok) for s in samples]
     limit = context_length(model)
@@ -130,9 +152,11 @@ def generate_batch(
     for row in out[:, width:].tolist():
         stop_at = next((i for i, t in enumerate(row) if t in loaded.stop_ids), None)
         new = row if stop_at is None else row[:stop_at]
+        reasoning, answer = split_reasoning(tok.decode(new, skip_special_tokens=True))
         results.append(
             {
-                "answer": tok.decode(new, skip_special_tokens=True).strip(),
+                "answer": answer,
+                "reasoning": reasoning,
                 "stopped": stop_at is not None,
                 "new_tokens": len(new),
             }

@@ -14,6 +14,7 @@ the model will learn from before spending an hour on it.
 
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import os
 import random
@@ -25,7 +26,7 @@ from functools import partial
 import numpy as np
 
 from .batching import padding_ratio, plan_batches
-from .cache import load_cached, load_sets, save_cached
+from .cache import cache_entry, load_cached, load_sets, save_cached
 from .data import read_dataset
 from .errors import UserError
 from .fileformat import BadRow
@@ -43,24 +44,18 @@ def prepare_data(cfg, tokenizer, fmt, log):
     adapter records the format the rows were really rendered with.
     """
     started = time.perf_counter()
-    use_cache = getattr(cfg, "cache", False)
-    cached = load_cached(cfg, tokenizer, fmt, log) if use_cache else None
+    # The key is of the inputs, so it is taken before `fmt` is adapted to the rows.
+    entry = cache_entry(cfg, tokenizer, fmt) if getattr(cfg, "cache", False) else None
+    cached = load_cached(entry, log) if entry else None
     if cached:
         train_set, val_set, summary = cached
         for line in summary["log_lines"]:
             log(line)
-        log(
-            f"data: loaded from the cache {summary['cache']} in {time.perf_counter() - started:.1f}s"
-        )
+        log(f"data: loaded from the cache {entry} in {time.perf_counter() - started:.1f}s")
     else:
         train_set, val_set, summary = _prepare(cfg, tokenizer, fmt, log, started)
-        entry = (
-            save_cached(cfg, tokenizer, fmt, (train_set, val_set, summary), log)
-            if use_cache
-            else None
-        )
-        if entry:  # train from the memory-mapped files: the in-memory arrays are freed
-            train_set, val_set = load_sets(entry)
+        if entry and save_cached(entry, (train_set, val_set, summary), log):
+            train_set, val_set = load_sets(entry)  # memory-mapped: the in-memory arrays go
             summary["cache"] = str(entry)
     summary.pop("log_lines")
     fmt.enable_thinking = summary["prompt_format"]["enable_thinking"]
@@ -248,11 +243,13 @@ def _truncated(enc, max_len, drop_cut, counts):
 
 
 def worker_count(n_samples: int) -> int:
-    """Worker processes for `n_samples` rows: none for small sets, else one per core (per rank)."""
+    """Worker processes for `n_samples` rows: none for small sets, else one per core."""
     if n_samples < 4 * CHUNK or "fork" not in mp.get_all_start_methods():
         return 0
-    per_rank = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return min(per_rank, 8) if per_rank >= 2 else 0
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return 0  # never fork a process with communication threads; ranks use Rust's threads
+    cores = os.cpu_count() or 1
+    return min(cores, 8) if cores >= 2 else 0
 
 
 _JOB = None  # the job of the current pool; forked workers inherit it with the tokenizer
@@ -270,10 +267,14 @@ def _map(job, chunks, workers):
         return
     _JOB, saved = job, os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one Rust thread per worker process
+    # Forked workers share the parent's memory until they write to it; the garbage collector
+    # would write to every object it visits, so the objects alive now are frozen out of its way.
+    gc.freeze()
     try:
         with mp.get_context("fork").Pool(workers) as pool:
             yield from pool.imap(_run_job, chunks)
     finally:
+        gc.unfreeze()
         _JOB = None
         if saved is None:
             os.environ.pop("TOKENIZERS_PARALLELISM")

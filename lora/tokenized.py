@@ -38,7 +38,9 @@ class TokenizedSet:
     @classmethod
     def build(cls, ids: list, labels: list, lengths: list) -> TokenizedSet:
         """One set from pieces of flat ids and labels (rows in order) and every row's length."""
-        lengths = np.concatenate([np.asarray(x, dtype=np.int64) for x in lengths] or [[]])
+        lengths = np.concatenate(
+            [np.asarray(x, dtype=np.int64) for x in lengths] + [np.zeros(0, np.int64)]
+        )
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
 

@@ -51,6 +51,21 @@ def test_collate_pads_right_and_masks_padding_by_position():
     assert batch["input_ids"].dtype == torch.long
 
 
+def test_collate_takes_rows_of_a_memory_mapped_tokenized_set(tmp_path):
+    import numpy as np
+
+    from lora.tokenized import TokenizedSet
+
+    ids = [np.array([5, 6, 7], np.int32), np.array([5, 9], np.int32)]
+    labels = [np.array([IGNORE_INDEX, 6, 7], np.int32), np.array([IGNORE_INDEX, 9], np.int32)]
+    TokenizedSet.build(ids, labels, [[3, 2]]).save(tmp_path, "t")
+    ds = TokenizedSet.load(tmp_path, "t")
+    batch = collate([ds[1], ds[0]], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 9, 0], [5, 6, 7]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 9, IGNORE_INDEX], [IGNORE_INDEX, 6, 7]]
+    assert batch["labels"].dtype == torch.long
+
+
 def test_under_torchrun_only_a_batch_smaller_than_the_world_is_dropped_and_every_rank_gets_rows():
     ls = lengths(n=9)
     batches = global_batches(ls, 2, seed=0, epoch=0, world_size=4)  # 2 rows per process x 4

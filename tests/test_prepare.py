@@ -1,0 +1,174 @@
+"""Preparing the training set: compact storage, the cache, counted skips, cut answers."""
+
+import json
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+import lora.prepare as prepare_module
+from conftest import write_json
+from lora.config import TrainConfig
+from lora.data import Sample, Turn
+from lora.prepare import encode_all, prepare_data
+from lora.prompt import IGNORE_INDEX, PromptFormat
+from lora.tokenized import TokenizedSet
+
+ROWS = [
+    {"instruction": f"问题{i}：头痛怎么办？", "output": "注意休息，多喝水。" * (1 + i % 3)}
+    for i in range(12)
+]
+
+
+@pytest.fixture
+def tok(qwen2_dir):
+    return AutoTokenizer.from_pretrained(str(qwen2_dir))
+
+
+def config(tmp_path, **kw):
+    data = kw.pop("data", None) or write_json(tmp_path / "rows.json", ROWS)
+    base = dict(data=str(data), cache_dir=str(tmp_path / "cache"), progress=False, max_len=64)
+    return TrainConfig(**(base | kw))
+
+
+def run(cfg, tok, fmt=None):
+    lines = []
+    train, val, summary = prepare_data(cfg, tok, fmt or PromptFormat("chat"), lines.append)
+    return train, val, summary, lines
+
+
+def same_rows(a, b):
+    return len(a) == len(b) and all(
+        np.array_equal(x.input_ids, y.input_ids) and np.array_equal(x.labels, y.labels)
+        for x, y in zip(a, b)
+    )
+
+
+def test_rows_are_int32_arrays_in_one_flat_buffer(tmp_path, tok):
+    train, _, summary, _ = run(config(tmp_path, cache=False), tok)
+    assert train.input_ids.dtype == np.int32 and train.labels.dtype == np.int32
+    assert len(train) == 12 and list(train.lengths) == [len(r.input_ids) for r in train]
+    assert train.offsets[-1] == len(train.input_ids) == summary["train"]["tokens"]
+    assert summary["prepare_rows_per_s"] > 0
+
+
+def test_second_run_loads_the_cache_memory_mapped_and_any_setting_change_misses(tmp_path, tok):
+    first, _, s1, _ = run(config(tmp_path), tok)
+    second, _, s2, lines = run(config(tmp_path), tok)
+    assert any("loaded from the cache" in line for line in lines)
+    assert isinstance(second.input_ids, np.memmap) and same_rows(first, second)
+    assert s2["train"] == s1["train"]
+    for change in ({"max_len": 32}, {"columns": "prompt=instruction,response=output"}):
+        _, _, _, lines = run(config(tmp_path, **change), tok)
+        assert not any("loaded from the cache" in line for line in lines), change
+    _, _, _, lines = run(config(tmp_path), tok, PromptFormat("chat", system="你是医生。"))
+    assert not any("loaded from the cache" in line for line in lines)
+
+
+def test_editing_the_data_file_invalidates_the_cache(tmp_path, tok):
+    run(config(tmp_path), tok)
+    edited = write_json(tmp_path / "rows.json", ROWS[:5])
+    train, _, _, lines = run(config(tmp_path, data=edited), tok)
+    assert len(train) == 5 and not any("loaded from the cache" in line for line in lines)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete_meta"])
+def test_a_corrupt_or_partial_cache_is_rebuilt_never_trusted(tmp_path, tok, damage):
+    mapped, _, summary, _ = run(config(tmp_path), tok)
+    fresh = TokenizedSet(*(np.array(a) for a in (mapped.input_ids, mapped.labels, mapped.offsets)))
+    del mapped  # its pages are the files damaged below
+    entry = tmp_path / "cache" / summary["cache"].rsplit("/", 1)[-1]
+    ids = entry / "train.input_ids.npy"
+    raw = ids.read_bytes()
+    if damage == "truncate":
+        ids.write_bytes(raw[: len(raw) // 2])
+    elif damage == "flip":
+        ids.write_bytes(raw[:-4] + bytes(b ^ 0xFF for b in raw[-4:]))
+    else:
+        (entry / "meta.json").unlink()
+    again, _, _, lines = run(config(tmp_path), tok)
+    assert any("corrupt or partial" in line and "rebuilding" in line for line in lines)
+    assert same_rows(fresh, again)
+    _, _, _, lines = run(config(tmp_path), tok)  # the rebuilt entry is good
+    assert any("loaded from the cache" in line for line in lines)
+
+
+def test_no_cache_writes_nothing(tmp_path, tok):
+    run(config(tmp_path, cache=False), tok)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_cut_answer_is_counted_and_can_be_dropped(tmp_path, tok):
+    long_row = {"instruction": "头痛怎么办？", "output": "注意休息，多喝水。" * 30}
+    data = write_json(tmp_path / "long.json", ROWS[:3] + [long_row])
+    train, _, summary, lines = run(config(tmp_path, data=data, cache=False), tok)
+    assert summary["train"]["truncated_answer"] == 1 and len(train) == 4
+    assert any("(answer cut)" in line for line in lines)
+    train, _, summary, _ = run(config(tmp_path, data=data, cache=False, drop_cut_answers=True), tok)
+    assert summary["train"]["dropped_answer_cut"] == 1 and len(train) == 3
+
+
+def test_rows_whose_answer_cannot_be_located_are_skipped_and_counted(tok):
+    broken = AutoTokenizer.from_pretrained(tok.name_or_path)
+    # A template whose generation prompt is not where answers go: nothing can be supervised.
+    broken.chat_template = (
+        "{% for m in messages %}{{ m.content }}<|im_end|>{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>{% endif %}"
+    )
+    samples = [Sample((Turn("问", "答"),)), Sample((Turn("问2", "答2"),))]
+    data, stats = encode_all(samples, PromptFormat("chat"), broken, 64)
+    assert len(data) == 0
+    assert stats["skipped"] == {"the chat template does not render the answer after its prompt": 2}
+
+
+def test_worker_processes_give_the_same_rows_as_one_process(tok, monkeypatch):
+    samples = [Sample((Turn(f"问题{i}", "回答。" * (i % 7 + 1)),)) for i in range(50)]
+    monkeypatch.setattr(prepare_module, "CHUNK", 8)
+    serial, s1 = encode_all(samples, PromptFormat("chat"), tok, 32)
+    monkeypatch.setattr(prepare_module, "worker_count", lambda n: 2)
+    parallel, s2 = encode_all(samples, PromptFormat("chat"), tok, 32)
+    assert same_rows(serial, parallel) and s1 == s2
+
+
+def test_shared_system_prompt_of_the_rows_is_recorded_for_inference(tmp_path, tok):
+    rows = [dict(r, system="你是一名中医。") for r in ROWS[:3]] + [ROWS[3]]
+    fmt = PromptFormat("chat")
+    train, _, summary, lines = run(
+        config(tmp_path, data=write_json(tmp_path / "s.json", rows)), tok, fmt
+    )
+    assert fmt.data_system == "你是一名中医。" and fmt.system is None
+    assert any("share a system prompt" in line for line in lines)
+    assert "你是一名中医。" not in tok.decode(train[3].input_ids)  # the row without one keeps none
+    fmt2 = PromptFormat("chat")  # the cache restores it too
+    run(config(tmp_path, data=tmp_path / "s.json"), tok, fmt2)
+    assert fmt2.data_system == "你是一名中医。"
+
+
+def test_tokenized_set_round_trips_and_rejects_arrays_that_do_not_fit(tmp_path):
+    ids = [np.array([1, 2, 3], np.int32), np.array([4, 5], np.int32)]
+    labels = [np.array([IGNORE_INDEX, 2, 3], np.int32), np.array([IGNORE_INDEX, 5], np.int32)]
+    ds = TokenizedSet.build(ids, labels, [[3, 2]])
+    ds.save(tmp_path, "x")
+    back = TokenizedSet.load(tmp_path, "x")
+    assert [r.input_ids.tolist() for r in back] == [[1, 2, 3], [4, 5]]
+    assert back[-1].labels.tolist() == [IGNORE_INDEX, 5]
+    with pytest.raises(IndexError):
+        back[2]
+    np.save(tmp_path / "x.offsets.npy", np.array([0, 3, 9], np.int64))
+    with pytest.raises(ValueError, match="do not fit"):
+        TokenizedSet.load(tmp_path, "x")
+
+
+def test_reasoning_rows_turn_thinking_on_for_a_qwen3_template_and_hit_the_cache(
+    tmp_path, tiny_models
+):
+    tok3 = AutoTokenizer.from_pretrained(str(tiny_models["qwen3"]))
+    rows = [{"Question": "头痛？", "Complex_CoT": "想一想。", "Response": "休息。"}]
+    data = tmp_path / "cot.json"
+    data.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    fmt = PromptFormat("chat")
+    run(config(tmp_path, data=data), tok3, fmt)
+    assert fmt.enable_thinking is True
+    again = PromptFormat("chat")  # the cache key is of the inputs, taken before the switch
+    _, _, _, lines = run(config(tmp_path, data=data), tok3, again)
+    assert again.enable_thinking is True and any("loaded from the cache" in x for x in lines)
