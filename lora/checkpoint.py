@@ -20,6 +20,7 @@ unpickled, so a checkpoint cannot run code.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -69,16 +70,22 @@ def set_rng_state(state: dict) -> None:
 def _write_checkpoint_files(run, tmp: Path) -> None:
     """Main process: adapter, optimizer/scheduler/scaler state and the step into `tmp`."""
     save_adapter(run.model, tmp, **run.adapter_meta)
-    torch.save(
-        {
-            "optimizer": run.optimizer.state_dict(),
-            "scheduler": run.scheduler.state_dict(),
-            "scaler": run.scaler.state_dict() if run.scaler is not None else None,
-        },
-        tmp / STATE_FILE,
-    )
+    state = {
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+    }
+    save_torch(state, tmp / STATE_FILE)
     text = json.dumps(asdict(run.state), indent=2) + "\n"
     atomic_write_bytes(tmp / TRAINER_STATE, text.encode())
+
+
+def save_torch(obj, path: Path) -> None:
+    """`torch.save` through `atomic_write_bytes`: whole or absent, and a full disk is an OSError
+    naming the file (torch.save writing to a path reports it as a RuntimeError)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def save_checkpoint(run) -> Path:
@@ -92,7 +99,7 @@ def save_checkpoint(run) -> Path:
             tmp.mkdir(parents=True)
             _write_checkpoint_files(run, tmp)
         barrier()
-        torch.save(rng_state(), tmp / f"rng_state_rank{run.dist.rank}.pt")
+        save_torch(rng_state(), tmp / f"rng_state_rank{run.dist.rank}.pt")
         barrier()
     except OSError:  # e.g. the disk is full: leave no half-written checkpoint behind
         shutil.rmtree(tmp, ignore_errors=True)

@@ -19,6 +19,11 @@ def os_error_line(e: OSError) -> str:
     return f"{paths}: {cause}" if paths else cause
 
 
+def with_path(e: OSError, path) -> OSError:
+    """`e` with `path` as its filename: a failed `write()` (disk full) does not name its file."""
+    return e if e.filename else OSError(e.errno, e.strerror or str(e), str(path))
+
+
 class UserError(Exception):
     """A problem with the user's input (flags, files, model, data) that they can fix."""
 

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from .adapter import atomic_write_bytes
-from .errors import UserError
+from .errors import UserError, with_path
 
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
@@ -62,8 +62,11 @@ class MetricsLog:
 
     def _write(self, record: dict) -> None:
         if self.writer:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:  # disk full: a torn last line at worst, dropped on resume
+                raise with_path(e, self.path) from None
 
 
 def read_jsonl(path: Path, log=print) -> list[dict]:
