@@ -108,6 +108,11 @@ def plan_run_dir(out: Path, cfg) -> RunDirPlan:
             return RunDirPlan(finished_steps=done_steps)
         plan = RunDirPlan()
         plan.resume_from = ckpt.newest_intact_checkpoint(checkpoints, plan.notes)
+        if checkpoints and plan.resume_from is None:
+            raise UserError(
+                f"{out}: no checkpoint is intact ({'; '.join(plan.notes)}); "
+                f"pass --overwrite to start the run over"
+            )
         if finished and plan.resume_from is None:
             raise UserError(
                 f"{out} holds a run finished at step {done_steps} with no checkpoint to continue "

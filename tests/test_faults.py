@@ -381,3 +381,16 @@ def test_sigkill_mid_run_resumes_from_the_newest_intact_checkpoint_to_the_same_a
     a = load_file(tmp_path / "straight" / ADAPTER_WEIGHTS)
     b = load_file(out / ADAPTER_WEIGHTS)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_auto_with_only_damaged_checkpoints_refuses_to_start_over_silently(tmp_path):
+    from lora.checkpoint import REQUIRED_FILES
+    from lora.config import TrainConfig
+    from lora.rundir import plan_run_dir
+
+    damaged = tmp_path / "checkpoint-4"
+    damaged.mkdir()
+    for name in REQUIRED_FILES:
+        (damaged / name).write_bytes(b"")
+    with pytest.raises(UserError, match="no checkpoint is intact.*checkpoint-4.*--overwrite"):
+        plan_run_dir(tmp_path, TrainConfig(resume="auto"))
