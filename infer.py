@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 import sys
 from pathlib import Path
 
-from lora.errors import UserError
+from lora.errors import UserError, os_error_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,6 +104,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_args(args) -> None:
+    """Refuse values that would fail late (after the model loads) or silently do something else."""
+    rules = [
+        ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, "an integer >= 1"),
+        ("--batch-size", args.batch_size, args.batch_size >= 1, "an integer >= 1"),
+        ("--temperature", args.temperature, math.isfinite(args.temperature) and args.temperature >= 0,
+         "a finite number >= 0 (0 = greedy)"),
+        ("--top-p", args.top_p, 0 < args.top_p <= 1, "a number in (0, 1]"),
+        ("--top-k", args.top_k, args.top_k >= 0, "an integer >= 0 (0 = off)"),
+        ("--repetition-penalty", args.repetition_penalty,
+         math.isfinite(args.repetition_penalty) and args.repetition_penalty > 0, "a finite number > 0"),
+        ("--device", args.device, re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", args.device),
+         "auto, cpu, mps, cuda or cuda:N"),
+    ]  # fmt: skip
+    problems = [
+        f"{flag} must be {rule}, got {value!r}" for flag, value, ok, rule in rules if not ok
+    ]
+    if problems:
+        raise UserError("; ".join(problems))
+
+
 def run(args) -> int:
     import torch
 
@@ -111,6 +134,7 @@ def run(args) -> int:
     from lora.inject import merge_lora
     from lora.score import metric_libraries
 
+    check_args(args)
     read_adapter_config(args.adapter)  # a missing or broken adapter is the first thing to report
     if args.export:
         path = gen.export_merged(args.adapter, args.export, args.model, args.trust_remote_code)
@@ -240,6 +264,9 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # from the machine (disk full, read-only, a path under a file...)
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from lora.config import TrainConfig, add_config_flags, read_config_file
-from lora.errors import TrainingInterrupted, UserError
+from lora.errors import TrainingInterrupted, UserError, os_error_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +50,9 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # from the machine (disk full, read-only...), not from the settings
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
+        return 1
     except TrainingInterrupted:
         return 130
     except KeyboardInterrupt:

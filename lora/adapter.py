@@ -19,6 +19,8 @@ any key it does not know in `adapter_config.json`, so that lives in a third file
 
 Safety: we only ever read safetensors (no pickle, so no code can run from a downloaded file),
 and we write through a temporary file and `os.replace`, so a crash never leaves half a file.
+Every tensor read must be finite: a NaN or Inf (a diverged run, a damaged file) would make
+every answer garbage and spread into a merged model, so such an adapter is refused by name.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from safetensors.torch import save as save_tensors
 from torch import nn
 
 from .config import DEFAULT_TARGETS
-from .errors import UserError
+from .errors import UserError, with_path
 from .inject import apply_lora, lora_layers
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -44,20 +46,37 @@ LORA_PARTS = ("lora_A", "lora_B")
 EXTRA_FILE = "adapter_extra.json"
 
 
+MAX_ABS_WEIGHT = 1e4  # far beyond any trained LoRA weight; random bytes read as floats exceed it
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, never half."""
+    """Write `data` to `path` so that readers see the old file or the new one, never half.
+
+    `mkstemp` creates its file readable by us alone (0600); the result gets the permissions
+    any new file would (0644 under the usual umask), so a server under another user can read it.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise with_path(e, path) from None
         raise
+
+
+def current_umask() -> int:
+    """The process's umask (reading it means setting it, so it is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def lora_weights_by_key(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -134,9 +153,12 @@ def read_adapter_extra(adapter_dir) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        extra = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(extra, dict):
+        raise UserError(f"{path}: expected a JSON object, got a {type(extra).__name__}")
+    return extra
 
 
 def _dropout_p(layer) -> float:
@@ -155,6 +177,7 @@ def read_adapter_config(adapter_dir) -> dict:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not valid JSON: {e}") from None
+    check_adapter_config_types(config, path)
     if config.get("peft_type", "LORA") != "LORA":
         raise UserError(f"{path}: peft_type {config.get('peft_type')!r} is not LoRA")
     unsupported = {
@@ -172,6 +195,50 @@ def read_adapter_config(adapter_dir) -> dict:
     return config
 
 
+def check_adapter_config_types(config, path) -> None:
+    """The values we use must have the right type: `"r": "eight"` is an error, not a crash."""
+    if not isinstance(config, dict):
+        raise UserError(
+            f"{path}: expected a JSON object of settings, got a {type(config).__name__}"
+        )
+
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    checks = {
+        "r": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
+        "lora_alpha": (lambda v: number(v) and v > 0, "a number > 0"),
+        "lora_dropout": (lambda v: number(v) and 0 <= v < 1, "a number in [0, 1)"),
+        "target_modules": (
+            lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(t, str) for t in v)),
+            "a module name or a list of them",
+        ),
+        "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+        "base_model_name_or_path": (lambda v: isinstance(v, str), "a model id or path"),
+    }  # fmt: skip
+    if "r" not in config:
+        raise UserError(f'{path}: the LoRA rank "r" is missing')
+    for key, (ok, what) in checks.items():
+        if key in config and config[key] is not None and not ok(config[key]):
+            raise UserError(f"{path}: {key!r} must be {what}, got {config[key]!r}")
+
+
+def check_finite(tensors: dict[str, torch.Tensor], path) -> None:
+    """Refuse NaN, Inf and absurd magnitudes, naming the first tensor that has them."""
+    for key, t in tensors.items():
+        if not t.is_floating_point():
+            raise UserError(f"{path}: tensor {key} has dtype {t.dtype}, not floating point")
+        if not torch.isfinite(t).all():
+            raise UserError(
+                f"{path}: tensor {key} holds NaN or Inf values; the adapter is unusable"
+            )
+        if t.numel() and t.abs().max() > MAX_ABS_WEIGHT:
+            raise UserError(
+                f"{path}: tensor {key} holds values up to {float(t.abs().max()):.3g}, far beyond "
+                f"any trained LoRA weight; the file is damaged"
+            )
+
+
 def read_adapter_tensors(adapter_dir) -> dict[str, torch.Tensor]:
     """Load the safetensors file (never a pickle), with a clear error if missing or corrupt."""
     path = Path(adapter_dir) / ADAPTER_WEIGHTS
@@ -183,9 +250,11 @@ def read_adapter_tensors(adapter_dir) -> dict[str, torch.Tensor]:
         raise UserError(f"{adapter_dir} is not an adapter directory: {ADAPTER_WEIGHTS} is missing")
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safetensors file, not a dict)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safetensors file, not a dict)
     except Exception as e:  # safetensors raises its own error types for truncated/garbled files
         raise UserError(f"{path} is corrupt or truncated and cannot be read ({e})") from None
+    check_finite(tensors, path)
+    return tensors
 
 
 def load_adapter(model: nn.Module, adapter_dir, dropout: float | None = None) -> dict:

@@ -10,12 +10,17 @@ Atomicity: everything is written into a hidden temporary directory, which is the
 `checkpoint-STEP` in one `os.rename`. A crash mid-save leaves a stray temporary directory,
 never a half-written checkpoint, and the previous checkpoint stays valid.
 
+Trust, but verify: a file can still be damaged after the rename (a power loss before the disk
+cache was flushed leaves an empty `training_state.pt`). So a checkpoint counts as intact only
+when every file *loads*, and `--resume auto` falls back to the newest intact one, with a warning.
+
 Loading uses `torch.load(weights_only=True)`: only tensors and plain containers are
 unpickled, so a checkpoint cannot run code.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -31,6 +36,8 @@ from .adapter import (
     ADAPTER_WEIGHTS,
     atomic_write_bytes,
     load_adapter,
+    read_adapter_config,
+    read_adapter_tensors,
     save_adapter,
 )
 from .distributed import barrier
@@ -38,6 +45,7 @@ from .errors import UserError
 
 STATE_FILE = "training_state.pt"
 TRAINER_STATE = "trainer_state.json"
+REQUIRED_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, STATE_FILE, TRAINER_STATE)
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -62,30 +70,40 @@ def set_rng_state(state: dict) -> None:
 def _write_checkpoint_files(run, tmp: Path) -> None:
     """Main process: adapter, optimizer/scheduler/scaler state and the step into `tmp`."""
     save_adapter(run.model, tmp, **run.adapter_meta)
-    torch.save(
-        {
-            "optimizer": run.optimizer.state_dict(),
-            "scheduler": run.scheduler.state_dict(),
-            "scaler": run.scaler.state_dict() if run.scaler is not None else None,
-        },
-        tmp / STATE_FILE,
-    )
+    state = {
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+    }
+    save_torch(state, tmp / STATE_FILE)
     text = json.dumps(asdict(run.state), indent=2) + "\n"
     atomic_write_bytes(tmp / TRAINER_STATE, text.encode())
+
+
+def save_torch(obj, path: Path) -> None:
+    """`torch.save` through `atomic_write_bytes`: whole or absent, and a full disk is an OSError
+    naming the file (torch.save writing to a path reports it as a RuntimeError)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def save_checkpoint(run) -> Path:
     """Write `checkpoint-STEP/` atomically (all processes call this; each adds its RNG state)."""
     step = run.state.step
     tmp = tmp_dir_for(run.out, step)
-    if run.dist.is_main:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        _write_checkpoint_files(run, tmp)
-    barrier()
-    torch.save(rng_state(), tmp / f"rng_state_rank{run.dist.rank}.pt")
-    barrier()
+    try:
+        if run.dist.is_main:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+            _write_checkpoint_files(run, tmp)
+        barrier()
+        save_torch(rng_state(), tmp / f"rng_state_rank{run.dist.rank}.pt")
+        barrier()
+    except OSError:  # e.g. the disk is full: leave no half-written checkpoint behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if run.dist.is_main:
         finalize_checkpoint(run.out, step)
         prune_checkpoints(run.out, run.cfg.keep_last)
@@ -96,18 +114,23 @@ def save_checkpoint(run) -> Path:
 def resume_checkpoint(run, path: Path) -> dict:
     """Load adapter, optimizer, scheduler, scaler and RNG state; returns the saved trainer state.
 
-    The checkpoint's identity (model, targets, rank, batch layout, ...) must equal this run's:
-    resuming a different run would silently train something else.
+    The checkpoint's identity (model, data, LoRA shape, learning rate, batch layout, seed...; see
+    `run.run_identity`) must equal this run's: resuming with other settings would silently train
+    something that is neither run. Each difference is named.
     """
     saved = read_trainer_state(path)
+    before = saved.get("identity", {})
+    # A key the checkpoint lacks was not recorded by the version that wrote it: not comparable.
     diffs = [
-        f"{k}: checkpoint {saved.get('identity', {}).get(k)!r} vs now {v!r}"
+        f"{k} was {before[k]!r}, now {v!r}"
         for k, v in run.state.identity.items()
-        if saved.get("identity", {}).get(k) != v
+        if k in before and before[k] != v
     ]
     if diffs:
         raise UserError(
-            f"cannot resume from {path}: the run differs ({'; '.join(diffs)}). Use --overwrite to start over"
+            f"cannot resume from {path}: this run's settings differ from the checkpoint's "
+            f"({'; '.join(diffs)}). Resume with the same settings (see train_args.json), "
+            f"or start over with --overwrite"
         )
     load_adapter(run.model, path)
     opt_state, rng = load_checkpoint_state(path, run.dist.rank, run.device)
@@ -129,23 +152,53 @@ def finalize_checkpoint(output_dir, step: int) -> Path:
     return final
 
 
-def is_valid_checkpoint(path: Path) -> bool:
-    return all(
-        (path / f).is_file() for f in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, STATE_FILE, TRAINER_STATE)
-    )
+def has_all_files(path: Path) -> bool:
+    """Every file a checkpoint needs is there (cheap; `checkpoint_problem` also loads them)."""
+    return all((Path(path) / f).is_file() for f in REQUIRED_FILES)
 
 
-def list_checkpoints(output_dir) -> list[Path]:
-    """Complete checkpoints in `output_dir`, oldest first."""
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `path` cannot be resumed from, or None when every file loads."""
+    path = Path(path)
+    if not path.is_dir():
+        return "no such directory"
+    missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
+    if missing:
+        return f"{', '.join(missing)} missing"
+    try:
+        read_trainer_state(path)
+        read_adapter_config(path)
+        read_adapter_tensors(path)
+        torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    except UserError as e:
+        return str(e)
+    except Exception as e:  # torch.load's errors for a truncated or garbled file vary
+        return f"{STATE_FILE} is unreadable ({type(e).__name__}: {e})"
+    return None
+
+
+def newest_intact_checkpoint(checkpoints: list[Path], notes: list[str]) -> Path | None:
+    """The newest checkpoint whose files all load; a note for each damaged one skipped."""
+    for path in reversed(checkpoints):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        notes.append(f"warning: skipping damaged checkpoint {path}: {problem}")
+    return None
+
+
+def checkpoint_dirs(output_dir) -> list[Path]:
+    """Every `checkpoint-STEP` directory in `output_dir`, complete or not, oldest first."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
-    found = []
-    for p in output_dir.iterdir():
-        m = _CKPT_RE.match(p.name)
-        if m and p.is_dir() and is_valid_checkpoint(p):
-            found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found)]
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := _CKPT_RE.match(p.name))]
+    return [p for _, p in sorted(found) if p.is_dir()]
+
+
+def list_checkpoints(output_dir) -> list[Path]:
+    """Checkpoints in `output_dir` with all their files, oldest first."""
+    return [p for p in checkpoint_dirs(output_dir) if has_all_files(p)]
 
 
 def prune_checkpoints(output_dir, keep_last: int) -> None:
@@ -156,15 +209,18 @@ def prune_checkpoints(output_dir, keep_last: int) -> None:
 
 def read_trainer_state(ckpt: Path) -> dict:
     try:
-        return json.loads((Path(ckpt) / TRAINER_STATE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+        state = json.loads((Path(ckpt) / TRAINER_STATE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"checkpoint {ckpt} is unreadable: {e}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise UserError(f"checkpoint {ckpt}: {TRAINER_STATE} has no step")
+    return state
 
 
 def load_checkpoint_state(ckpt: Path, rank: int, map_location) -> tuple[dict, dict | None]:
     """(optimizer/scheduler/scaler state, this rank's RNG state or None)."""
     ckpt = Path(ckpt)
-    if not is_valid_checkpoint(ckpt):
+    if not has_all_files(ckpt):
         raise UserError(f"{ckpt} is not a complete checkpoint")
     state = torch.load(ckpt / STATE_FILE, map_location=map_location, weights_only=True)
     rng_file = ckpt / f"rng_state_rank{rank}.pt"

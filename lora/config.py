@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
@@ -215,3 +216,71 @@ def read_config_file(path) -> dict:
 
 def config_defaults() -> dict:
     return {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+
+
+MIN_MAX_LEN = 16  # a chat prompt's scaffolding alone takes a dozen tokens
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Refuse settings that would train something other than what was asked, before any loading.
+
+    Each rule names the flag, its valid range and the value given. Without these checks a few
+    values are silently reinterpreted: `--max-steps 0` trains for --epochs, `--max-len 0` means
+    "no limit", `--val-size 1.5` holds out one row, `--lr nan` trains nothing at all.
+    """
+    problems = [
+        f"--{name.replace('_', '-')} must be {rule}, got {getattr(cfg, name)!r}"
+        for name, ok, rule in _RULES
+        if getattr(cfg, name) is not None and not _safe(ok, getattr(cfg, name))
+    ]
+    problems += _val_size_problem(cfg.val_size)
+    if problems:
+        raise UserError("; ".join(problems))
+
+
+def _finite_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _safe(ok, value) -> bool:
+    """`ok(value)`, False when the value is of a wrong type (e.g. a string from a config file)."""
+    try:
+        return bool(ok(value))
+    except TypeError:
+        return False
+
+
+# (field, check, the valid range as the error message states it); None values are not checked.
+_RULES = [
+    ("lr", lambda v: _finite_number(v) and v > 0, "a finite number > 0"),
+    ("batch_size", lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    ("grad_accum", lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    ("epochs", lambda v: _finite_number(v) and v > 0, "a finite number > 0"),
+    ("max_steps", lambda v: _int(v) and v >= 1, "an integer >= 1 (or absent: train --epochs)"),
+    ("max_len", lambda v: _int(v) and v >= MIN_MAX_LEN, f"an integer >= {MIN_MAX_LEN}"),
+    ("weight_decay", lambda v: _finite_number(v) and v >= 0, "a finite number >= 0"),
+    ("warmup", lambda v: _finite_number(v) and v >= 0, "a fraction in [0, 1) or a count >= 1"),
+    ("max_grad_norm", lambda v: _finite_number(v) and v >= 0, "a finite number >= 0 (0 disables)"),
+    ("rank", lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    ("alpha", lambda v: _finite_number(v) and v > 0, "a finite number > 0"),
+    ("dropout", lambda v: _finite_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    ("eval_every", lambda v: _int(v) and v >= 0, "an integer >= 0 (0: only at the end)"),
+    ("save_every", lambda v: _int(v) and v >= 0, "an integer >= 0 (0: only on interrupt)"),
+    ("keep_last", lambda v: _int(v) and v >= 0, "an integer >= 0 (0 keeps all)"),
+    ("stop_after_steps", lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    ("loss_chunk", lambda v: _int(v) and v >= 1, "an integer >= 1"),
+]
+
+
+def _val_size_problem(v) -> list[str]:
+    """--val-size: 0 (none), a fraction in (0, 1), or a whole count >= 1 (checked against the
+    data size once it is read). `1.5` is neither: it used to mean "one row"."""
+    fraction = _finite_number(v) and 0 < v < 1
+    count = _finite_number(v) and v >= 1 and float(v).is_integer()
+    if v == 0 or fraction or count:
+        return []
+    return [f"--val-size must be 0, a fraction in (0, 1) or a whole count >= 1, got {v!r}"]

@@ -1,9 +1,27 @@
 """One exception type for every mistake a user can make.
 
 `train.py` and `infer.py` catch `UserError` and print its message, so a wrong path, a bad flag or
-a broken data file ends in one clear sentence and a non-zero exit, never a traceback. Anything
-else that escapes is a bug in this project and keeps its traceback.
+a broken data file ends in one clear sentence and a non-zero exit, never a traceback. They also
+catch `OSError` (disk full, read-only, permission denied) and print it with `os_error_line`:
+every file is written atomically, so such an error leaves nothing half-written. Anything else
+that escapes is a bug in this project and keeps its traceback.
 """
+
+
+def os_error_line(e: OSError) -> str:
+    """An operating-system error as one line naming the path and the cause.
+
+    Disk full, a read-only file system, a path under a file, a permission denied: these come from
+    the machine, not from a bug, so the user gets the file and the reason instead of a traceback.
+    """
+    paths = " -> ".join(str(p) for p in (e.filename, e.filename2) if p is not None)
+    cause = e.strerror or str(e)
+    return f"{paths}: {cause}" if paths else cause
+
+
+def with_path(e: OSError, path) -> OSError:
+    """`e` with `path` as its filename: a failed `write()` (disk full) does not name its file."""
+    return e if e.filename else OSError(e.errno, e.strerror or str(e), str(path))
 
 
 class UserError(Exception):

@@ -9,8 +9,9 @@ A data file arrives as bytes. Two questions come before "what does a row mean" (
   delimiter is sniffed from the first 8 KB.
 
 The result is a list of `(row number, record)` pairs; a record that cannot even be parsed
-(a malformed JSON line, a CSV row with the wrong number of fields) is a `BadRow` in its place,
-so the caller counts it under its reason.
+(a malformed JSON line, a CSV row with the wrong number of fields, a JSON string holding a lone
+surrogate such as "\\ud800", which no encoder can turn into bytes) is a `BadRow` in its place, so
+the caller counts it under its reason.
 """
 
 from __future__ import annotations
@@ -35,10 +36,14 @@ def decode_bytes(raw: bytes, path, encoding: str | None = None) -> tuple[str, st
     """Decode a data file; returns (text, encoding name). Never uses the system default.
 
     UTF-8 is tried first (a BOM is stripped), then GB18030 (a superset of GBK and GB2312).
+    GB18030 accepts almost any byte sequence, so "it decodes" proves nothing: it is taken only
+    when the result reads as Chinese (mostly CJK characters). Otherwise the file is UTF-8 with
+    damaged bytes (a stray Latin-1 `é`, say), and decoding it as GB18030 would train on
+    mojibake: we stop, naming the byte offset and --encoding.
+
     GBK bytes sometimes happen to form valid UTF-8 for a character or two, but they never spell
     Chinese in UTF-8; so if the text before the first bad byte decodes as mostly CJK characters,
-    the file is UTF-8 Chinese with a damaged byte, and we report its offset rather than decode
-    the whole file into nonsense.
+    the file is UTF-8 Chinese with a damaged byte, and we report its offset as well.
     """
     if encoding:
         try:
@@ -62,18 +67,26 @@ def decode_bytes(raw: bytes, path, encoding: str | None = None) -> tuple[str, st
             f"(the file is UTF-8 Chinese text before that point; is it damaged? --encoding forces another encoding)"
         )
     try:
-        return raw.decode("gb18030"), "gb18030"
+        text = raw.decode("gb18030")
     except UnicodeDecodeError as e:
         raise UserError(
             f"{path}: neither UTF-8 (bad byte at offset {utf8_error.start}) nor GB18030 "
             f"(bad byte at offset {e.start}); pass --encoding NAME"
         ) from None
+    if not _mostly_cjk(text, of_letters=0.1):
+        raise UserError(
+            f"{path}: invalid UTF-8 at byte offset {utf8_error.start}, and the file does not read as "
+            f"Chinese GB18030 either; fix that byte, or pass --encoding NAME (e.g. latin-1, gb18030)"
+        )
+    return text, "gb18030"
 
 
-def _mostly_cjk(text: str) -> bool:
+def _mostly_cjk(text: str, of_letters: float = 0.0) -> bool:
+    """At least 2 CJK characters, half of the non-ASCII ones, and `of_letters` of all letters."""
     wide = [c for c in text if ord(c) > 127]
     cjk = [c for c in wide if "\u3000" <= c <= "\u9fff" or "\uff00" <= c <= "\uffef"]
-    return len(cjk) >= 2 and len(cjk) >= 0.5 * len(wide)
+    letters = sum(c.isalpha() for c in text)
+    return len(cjk) >= 2 and len(cjk) >= 0.5 * len(wide) and len(cjk) >= of_letters * letters
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,7 +106,7 @@ def parse_records(text: str, path, report) -> list[tuple[int, object]]:
             raise UserError(
                 f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}"
             ) from None
-        return list(enumerate(data, start=1))
+        return [(i, _refuse_surrogates(r)) for i, r in enumerate(data, start=1)]
     if stripped[0] == "{":
         try:
             whole = json.loads(text)
@@ -105,20 +118,33 @@ def parse_records(text: str, path, report) -> list[tuple[int, object]]:
             ]
             if len(lists) == 1 and not _looks_like_row(whole):
                 report.container = "JSON object with a list of rows"
-                return list(enumerate(lists[0], start=1))
+                return [(i, _refuse_surrogates(r)) for i, r in enumerate(lists[0], start=1)]
             report.container = "JSON (one row)"
-            return [(1, whole)]
+            return [(1, _refuse_surrogates(whole))]
         report.container = "JSON Lines"
         records = []
         for lineno, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
-                records.append((lineno, json.loads(line)))
+                records.append((lineno, _refuse_surrogates(json.loads(line))))
             except json.JSONDecodeError:
                 records.append((lineno, BadRow("malformed JSON line")))
         return records
     return _parse_csv(text, path, report)
+
+
+def _refuse_surrogates(record):
+    """The record, or a BadRow if a string in it holds a lone surrogate ("\\ud800" in JSON).
+
+    JSON allows such escapes, Python keeps them in `str`, but they cannot be encoded as UTF-8:
+    the tokenizer would fail on them later, far from the row that caused it.
+    """
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return BadRow("invalid Unicode (a lone surrogate such as \\ud800)")
+    return record
 
 
 def _looks_like_row(obj: dict) -> bool:

@@ -4,10 +4,16 @@
 tokens_per_s, real_tokens, supervised_tokens, step_time_s, and val_loss/val_ppl on steps that
 evaluated). Only process 0 writes it. On resume the records after the checkpoint's step are
 dropped: those steps are trained, and logged, again.
+
+Crash safety: during a run records are appended, so a kill loses at most the line being
+written; a torn last line (a kill or a full disk mid-append) is dropped with a warning when the
+file is read back. On resume the kept records are written to a temporary file that replaces
+the old one in one rename: a kill at any moment leaves the old history or the new one.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import sys
@@ -16,6 +22,9 @@ from pathlib import Path
 import matplotlib
 import torch
 from tqdm import tqdm
+
+from .adapter import atomic_write_bytes
+from .errors import UserError, with_path
 
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
@@ -29,13 +38,12 @@ class MetricsLog:
         self.writer = writer
         self.history: list[dict] = []
 
-    def continue_from(self, step: int) -> None:
+    def continue_from(self, step: int, log=print) -> None:
         """Keep the records up to `step` (a resumed run's checkpoint), in memory and on disk."""
-        self.history = [r for r in read_jsonl(self.path) if r["step"] <= step]
+        self.history = [r for r in read_jsonl(self.path, log) if r.get("step", 0) <= step]
         if self.writer and self.path.exists():
-            self.path.unlink()
-            for record in self.history:
-                self._write(record)
+            text = "".join(json.dumps(r) + "\n" for r in self.history)
+            atomic_write_bytes(self.path, text.encode())
 
     def start_fresh(self) -> None:
         self.history = []
@@ -54,19 +62,35 @@ class MetricsLog:
 
     def _write(self, record: dict) -> None:
         if self.writer:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:  # disk full: a torn last line at worst, dropped on resume
+                raise with_path(e, self.path) from None
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path, log=print) -> list[dict]:
+    """The records of `metrics.jsonl`; a torn last line is dropped with a warning."""
     if not path.is_file():
         return []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+    lines = [line for line in path.read_bytes().decode("utf-8", "replace").splitlines() if line]
+    records = []
+    for i, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        elif i == len(lines):
+            log(f"warning: {path}: dropped a torn last line (written when the run was stopped)")
+        else:
+            raise UserError(f"{path}: line {i} is not a JSON record; fix or remove the file")
+    return records
 
 
 def plot_loss(history: list, path: Path) -> None:
-    """Train loss per step, validation loss where it was measured."""
+    """Train loss per step, validation loss where it was measured (written atomically)."""
     finite = [r for r in history if "loss" in r and math.isfinite(r["loss"])]
     val = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -78,8 +102,10 @@ def plot_loss(history: list, path: Path) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def progress_bar(enabled: bool, total: int, initial: int):

@@ -12,7 +12,9 @@ checkpoint, the startup summary, `train_args.json` and `metrics.jsonl`.
 
 from __future__ import annotations
 
+import hashlib
 import math
+from array import array
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,7 +31,7 @@ from .model import load_model, load_tokenizer
 from .precision import DTYPES, autocast_for, grad_scaler_for
 from .prepare import prepare_data
 from .prompt import PromptFormat, resolve_template, stop_token_ids
-from .rundir import METRICS, RunDirPlan, RunRecord, write_train_args
+from .rundir import METRICS, RunDirPlan, RunRecord, clean_run_dir, write_train_args
 from .schedule import warmup_cosine, warmup_steps
 
 
@@ -128,17 +130,20 @@ def setup(cfg: TrainConfig, plan: RunDirPlan, dist: DistInfo, device, precision:
     run.total_steps = count_total_steps(run)
     warmup = warmup_steps(cfg.warmup, run.total_steps)
     run.scheduler = warmup_cosine(optimizer, warmup, run.total_steps)
-    run.state.identity = run_identity(cfg, dist, len(train_set))
+    run.state.identity = run_identity(run)
     if plan.resume_from is not None:
-        run.state = RunState(**resume_checkpoint(run, plan.resume_from))
+        saved = resume_checkpoint(run, plan.resume_from)
+        run.state = RunState(**(saved | {"identity": run.state.identity}))
         log(f"resumed from {plan.resume_from} at step {run.state.step}")
     for line in startup_summary(run, report, run.total_steps):
         log(line)
     if dist.is_main:
+        if cfg.overwrite:  # only now: everything is checked, and this is the run's first write
+            clean_run_dir(out)
         out.mkdir(parents=True, exist_ok=True)
         write_train_args(out, cfg, run.record, asdict(run.state))
         if plan.resume_from is not None:
-            run.metrics.continue_from(run.state.step)
+            run.metrics.continue_from(run.state.step, log)
         else:
             run.metrics.start_fresh()
     barrier()
@@ -173,10 +178,32 @@ def count_total_steps(run: Run) -> int:
     return cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
 
-def run_identity(cfg: TrainConfig, dist: DistInfo, n_rows: int) -> dict:
-    """What must not change between a run and its resumption."""
-    return {
-        "model": cfg.model, "targets": cfg.targets, "rank": cfg.rank, "alpha": cfg.alpha,
-        "rslora": cfg.rslora, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
-        "world_size": dist.world_size, "seed": cfg.seed, "train_rows": n_rows,
-    }  # fmt: skip
+def run_identity(run: Run) -> dict:
+    """What defines the run, so what a resumption must not change; saved in every checkpoint.
+
+    The settings that shape the model, the optimizer and the order of the batches, and a hash of
+    the tokenized rows: it catches a changed data file, --max-len, template, system prompt or
+    tokenizer, all of which would train on other tokens. The length of the run is not part of
+    it: a larger --max-steps extends a run (the cosine schedule stretches to the new end).
+    """
+    cfg = run.cfg
+    names = (
+        "model", "targets", "rank", "alpha", "dropout", "rslora", "template", "system",
+        "enable_thinking", "max_len", "lr", "warmup", "weight_decay", "max_grad_norm",
+        "batch_size", "grad_accum", "group_by_length", "seed",
+    )  # fmt: skip
+    return {name: getattr(cfg, name) for name in names} | {
+        "world_size": run.dist.world_size,
+        "train_rows": len(run.train_set),
+        "data_sha256": data_hash(run.train_set, run.val_set),
+    }
+
+
+def data_hash(*row_sets) -> str:
+    """sha256 of every row's token ids and labels, in order."""
+    h = hashlib.sha256()
+    for rows in row_sets:
+        h.update(b"|")  # where one set ends: moving a row into --val-size's share changes the hash
+        for e in rows:
+            h.update(array("q", e.input_ids).tobytes() + array("q", e.labels).tobytes())
+    return h.hexdigest()

@@ -10,14 +10,24 @@
 
 `train_args.json` records every setting, the library versions, the data summary and, at the
 end, `"finished": true` with the final losses. Its `"args"` are a valid `--config` file.
+
+One run at a time: `run_dir_lock` holds an exclusive `flock` on `out/.train.lock` for the whole
+run, so a second `train.py` on the same `--output` stops at once, naming the first one's PID.
+The kernel releases the lock when its process dies, however it dies: a lock left by a killed
+run never blocks. Holding the lock, we may also tidy what a killed run left behind (temporary
+files, half-written or half-deleted checkpoints): no other run can be writing them.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import platform
 import shutil
-from dataclasses import asdict, dataclass
+import tempfile
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,7 +40,40 @@ from .errors import UserError
 TRAIN_ARGS = "train_args.json"
 METRICS = "metrics.jsonl"
 LOSS_PLOT = "loss_curve.png"
+LOCK_FILE = ".train.lock"
 OUR_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, EXTRA_FILE, TRAIN_ARGS, METRICS, LOSS_PLOT)
+
+
+@contextmanager
+def run_dir_lock(out: Path, enabled: bool = True):
+    """Hold an exclusive lock on `out` for the whole run (process 0 only under torchrun).
+
+    Creating the directory and the lock file is also the check that `out` is writable, done
+    before the model loads rather than after an hour of training.
+    """
+    if not enabled:
+        yield
+        return
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        tempfile.TemporaryFile(dir=out).close()  # the lock file may exist in a read-only dir
+    except OSError as e:
+        raise UserError(f"--output {out}: cannot write there ({e.strerror})") from None
+    with os.fdopen(fd, "r+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = f.read().strip() or "unknown"
+            raise UserError(
+                f"--output {out} is in use by another training run (PID {holder}); "
+                f"wait for it to end, or choose another --output"
+            ) from None
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield  # the lock goes with the file descriptor, when the block ends or the process dies
 
 
 @dataclass
@@ -39,10 +82,15 @@ class RunDirPlan:
 
     resume_from: Path | None = None
     finished_steps: int | None = None  # set when the directory holds a finished run to keep
+    notes: list[str] = field(default_factory=list)  # warnings for the user (damaged checkpoints)
 
 
 def plan_run_dir(out: Path, cfg) -> RunDirPlan:
-    """Decide fresh / resume / finished from the directory's contents and the flags."""
+    """Decide fresh / resume / finished from the directory's contents and the flags.
+
+    Nothing is removed here, not even with --overwrite: the previous run stays until the new one
+    has checked everything and is about to write its first file (`clean_run_dir`).
+    """
     args = read_train_args(out)
     finished = bool(args.get("finished"))
     done_steps = args.get("state", {}).get("step", 0)
@@ -51,13 +99,28 @@ def plan_run_dir(out: Path, cfg) -> RunDirPlan:
         return RunDirPlan()
     if cfg.resume and cfg.resume != "auto":
         path = Path(cfg.resume)
-        if not ckpt.is_valid_checkpoint(path):
-            raise UserError(f"--resume {path}: not a complete checkpoint directory")
+        problem = ckpt.checkpoint_problem(path)
+        if problem:
+            raise UserError(f"--resume {path}: not a usable checkpoint ({problem})")
         return RunDirPlan(resume_from=path)
     if cfg.resume == "auto":
         if finished and (cfg.max_steps is None or cfg.max_steps <= done_steps):
             return RunDirPlan(finished_steps=done_steps)
-        return RunDirPlan(resume_from=checkpoints[-1] if checkpoints else None)
+        plan = RunDirPlan()
+        plan.resume_from = ckpt.newest_intact_checkpoint(checkpoints, plan.notes)
+        if checkpoints and plan.resume_from is None:
+            raise UserError(
+                f"{out}: no checkpoint is intact ({'; '.join(plan.notes)}); "
+                f"pass --overwrite to start the run over"
+            )
+        if finished and plan.resume_from is None:
+            raise UserError(
+                f"{out} holds a run finished at step {done_steps} with no checkpoint to continue "
+                f"from, so --max-steps {cfg.max_steps} cannot extend it. Train it again with "
+                f"--overwrite --max-steps {cfg.max_steps}, or keep it and choose another --output "
+                f"(--save-every N keeps checkpoints that a later run can extend)"
+            )
+        return plan
     if finished:
         raise UserError(
             f"{out} already holds a finished run; pass --overwrite to replace it, or another --output"
@@ -78,6 +141,28 @@ def clean_run_dir(out: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
         elif p.name in OUR_FILES:
             p.unlink()
+
+
+def remove_leftovers(out: Path) -> list[str]:
+    """Delete what a killed run left half-done; returns the names removed (called under the lock).
+
+    Leftovers are temporary files of atomic writes (`.NAME.*.tmp`), temporary checkpoint
+    directories, and checkpoint directories that lack a file (a kill during pruning, whose
+    `rmtree` deletes file by file). None of them can be resumed from, and they would escape
+    --keep-last, which only counts complete checkpoints.
+    """
+    if not out.is_dir():
+        return []
+    removed = []
+    for d in (out, out / "best", *ckpt.checkpoint_dirs(out)):
+        for p in d.glob(".*.tmp"):
+            p.unlink(missing_ok=True)
+            removed.append(str(p.relative_to(out)))
+    for p in [*out.glob(".tmp-checkpoint-*"), *ckpt.checkpoint_dirs(out)]:
+        if p.name.startswith(".tmp") or not ckpt.has_all_files(p):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
+    return removed
 
 
 def read_train_args(out: Path) -> dict:

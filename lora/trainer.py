@@ -30,7 +30,7 @@ import torch
 from .adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_adapter
 from .batching import training_windows
 from .checkpoint import save_checkpoint
-from .config import TrainConfig
+from .config import TrainConfig, check_config
 from .distributed import (
     all_reduce_sum,
     all_reduce_sums,
@@ -45,7 +45,14 @@ from .loss import count_supervised
 from .metrics import plot_loss, progress_bar
 from .precision import pick_device, resolve_precision
 from .run import Run, setup
-from .rundir import LOSS_PLOT, clean_run_dir, plan_run_dir, write_train_args
+from .rundir import (
+    LOSS_PLOT,
+    RunDirPlan,
+    plan_run_dir,
+    remove_leftovers,
+    run_dir_lock,
+    write_train_args,
+)
 
 MAX_BAD_STEPS = 3  # non-finite updates in a row that mean the run diverged
 
@@ -63,88 +70,127 @@ class TrainResult:
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    """Train LoRA adapters as `cfg` says; the adapter and its records end up in `cfg.output`."""
+    """Train LoRA adapters as `cfg` says; the adapter and its records end up in `cfg.output`.
+
+    The order protects what is already on disk: every setting is checked first; the output
+    directory is locked against a second run; a previous run is removed (--overwrite) only
+    once the data and the model have loaded; and Ctrl-C/SIGTERM are handled until the last
+    file is written, so an interrupt leaves a finished run or a checkpoint to resume from.
+    """
+    check_config(cfg)
     device = pick_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     dist = init_distributed(device.type)
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
+    out = Path(cfg.output)
     try:
-        out = Path(cfg.output)
-        plan = plan_run_dir(out, cfg)
-        if plan.finished_steps is not None:
-            if dist.is_main:
-                print(f"{out} holds a finished run ({plan.finished_steps} steps); nothing to resume. "
-                      f"Use --overwrite to train again.")  # fmt: skip
-            return TrainResult(out, plan.finished_steps, None, None)
-        if cfg.overwrite and dist.is_main:
-            clean_run_dir(out)
-        barrier()
-        run = setup(cfg, plan, dist, device, precision)
-        stopped = train_loop(run)
-        return stopped if stopped is not None else finish(run)
+        with run_dir_lock(out, enabled=dist.is_main):
+            plan = prepare_run_dir(out, cfg, dist)
+            if plan.finished_steps is not None:
+                return TrainResult(out, plan.finished_steps, None, None)
+            run = setup(cfg, plan, dist, device, precision)
+            with stop_signals(escalate=not dist.enabled) as stop:
+                return train_and_finish(run, stop)
     finally:
         shutdown()
 
 
-def train_loop(run: Run) -> TrainResult | None:
+def prepare_run_dir(out: Path, cfg: TrainConfig, dist) -> RunDirPlan:
+    """Tidy a killed run's leftovers (we hold the lock), then decide fresh / resume / finished."""
+    if dist.is_main:
+        removed = remove_leftovers(out)
+        if removed:
+            print(f"removed what an interrupted run left half-written: {', '.join(removed)}")
+    barrier()
+    plan = plan_run_dir(out, cfg)
+    for note in plan.notes if dist.is_main else ():
+        print(note)
+    if plan.finished_steps is not None and dist.is_main:
+        print(f"{out} holds a finished run ({plan.finished_steps} steps); nothing to resume. "
+              f"Use --overwrite to train again.")  # fmt: skip
+    return plan
+
+
+def train_and_finish(run: Run, stop) -> TrainResult:
+    """The loop, then the final evaluation and save, all under the stop flag.
+
+    A Ctrl-C during the final evaluation or save lets it complete (the run is then finished,
+    and we still exit as interrupted). A second Ctrl-C there stops at once: the last step is then
+    saved as a checkpoint, and `--resume auto` redoes only the final evaluation and save.
+    """
+    stopped = train_loop(run, stop)
+    if stopped is not None:
+        return stopped
+    try:
+        result = finish(run)
+    except KeyboardInterrupt:
+        path = save_checkpoint(run)
+        run.log(f"interrupted before the final save: saved {path}; continue with --resume auto")
+        raise TrainingInterrupted(str(path)) from None
+    if stop.requested:
+        run.log(
+            f"interrupted during the final save, which completed: the run is finished in {run.out}"
+        )
+        raise TrainingInterrupted(str(run.out))
+    return result
+
+
+def train_loop(run: Run, stop) -> TrainResult | None:
     """Optimizer steps until the run's last; a TrainResult only when it stops early."""
     cfg, state = run.cfg, run.state
     windows = training_windows(run.epoch_batches, cfg.grad_accum, state.epoch, state.batch_in_epoch)
     bar = progress_bar(cfg.progress and run.dist.is_main, run.total_steps, state.step)
-    steps_this_run = 0
-    with stop_signals(escalate=not run.dist.enabled) as stop:
-        for epoch, next_batch, window in windows:
-            if state.step >= run.total_steps:
-                break
-            t0 = time.perf_counter()
-            micro_batches = run.micro_batches(window)
-            try:
-                loss_sum, n_tokens = backward_window(
-                    run.forward,
-                    micro_batches,
-                    run.device,
-                    run.autocast,
-                    run.scaler,
-                    run.dist.world_size,
-                )
-            except torch.cuda.OutOfMemoryError:
-                raise UserError(oom_message(cfg)) from None
-            # One collective for everything the processes must agree on: the window's loss, its
-            # real tokens (for tokens/s), and whether any process was asked to stop.
-            local_tokens = sum(int(m["attention_mask"].sum()) for m in micro_batches)
-            loss_total, real_tokens, stop_votes = all_reduce_sums(
-                [loss_sum, local_tokens, stop.requested], run.device
+    for steps_this_run, (epoch, next_batch, window) in enumerate(windows, start=1):
+        if state.step >= run.total_steps:
+            break
+        t0 = time.perf_counter()
+        micro_batches = run.micro_batches(window)
+        try:
+            loss_sum, n_tokens = backward_window(
+                run.forward,
+                micro_batches,
+                run.device,
+                run.autocast,
+                run.scaler,
+                run.dist.world_size,
             )
-            loss = loss_total / n_tokens
-            grad_norm = optimizer_step(run, loss)
-            state.step, state.epoch, state.batch_in_epoch = state.step + 1, epoch, next_batch
-            steps_this_run += 1
+        except torch.cuda.OutOfMemoryError:
+            raise UserError(oom_message(cfg)) from None
+        # One collective for everything the processes must agree on: the window's loss, its
+        # real tokens (for tokens/s), and whether any process was asked to stop.
+        local_tokens = sum(int(m["attention_mask"].sum()) for m in micro_batches)
+        loss_total, real_tokens, stop_votes = all_reduce_sums(
+            [loss_sum, local_tokens, stop.requested], run.device
+        )
+        loss = loss_total / n_tokens
+        grad_norm = optimizer_step(run, loss)
+        state.step, state.epoch, state.batch_in_epoch = state.step + 1, epoch, next_batch
 
-            dt = time.perf_counter() - t0
-            record = {
-                "step": state.step, "epoch": epoch, "loss": loss, "lr": run.scheduler.get_last_lr()[0],
-                "grad_norm": grad_norm, "tokens_per_s": real_tokens / dt, "real_tokens": int(real_tokens),
-                "supervised_tokens": int(n_tokens), "step_time_s": dt,
-            }  # fmt: skip
-            if evaluation_due(run):
-                record.update(evaluate_and_keep_best(run, run.val_set))
-            run.metrics.append(record)
-            if bar:
-                bar.set_postfix(
-                    loss=f"{loss:.4f}",
-                    lr=f"{record['lr']:.2e}",
-                    tok_s=f"{record['tokens_per_s']:.0f}",
-                )
-                bar.update(1)
+        dt = time.perf_counter() - t0
+        record = {
+            "step": state.step, "epoch": epoch, "loss": loss, "lr": run.scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm, "tokens_per_s": real_tokens / dt, "real_tokens": int(real_tokens),
+            "supervised_tokens": int(n_tokens), "step_time_s": dt,
+        }  # fmt: skip
+        if evaluation_due(run):
+            record.update(evaluate_and_keep_best(run, run.val_set))
+        run.metrics.append(record)
+        if bar:
+            bar.set_postfix(
+                loss=f"{loss:.4f}",
+                lr=f"{record['lr']:.2e}",
+                tok_s=f"{record['tokens_per_s']:.0f}",
+            )
+            bar.update(1)
 
-            interrupted = stop_votes > 0
-            stop_now = cfg.stop_after_steps and steps_this_run >= cfg.stop_after_steps
-            stop_now = stop_now and state.step < run.total_steps
-            if (cfg.save_every and state.step % cfg.save_every == 0) or interrupted or stop_now:
-                path = save_checkpoint(run)
-                if interrupted or stop_now:
-                    return stop_early(run, path, bar, interrupted, steps_this_run)
+        interrupted = stop_votes > 0
+        stop_now = cfg.stop_after_steps and steps_this_run >= cfg.stop_after_steps
+        stop_now = stop_now and state.step < run.total_steps
+        if (cfg.save_every and state.step % cfg.save_every == 0) or interrupted or stop_now:
+            path = save_checkpoint(run)
+            if interrupted or stop_now:
+                return stop_early(run, path, bar, interrupted, steps_this_run)
     if bar:
         bar.close()
     return None

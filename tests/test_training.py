@@ -321,7 +321,7 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(qwen2_dir, tmp_path):
         (["--model", "/no/such/model"], "does not exist"),
         (["--precision", "bf16"], "needs a CUDA GPU"),
         (["--data", "/no/such.json"], "does not exist"),
-        (["--rank", "0"], "rank r must be a positive integer"),
+        (["--rank", "0"], "--rank must be an integer >= 1"),
         (["--targets", "qkv"], "match no linear layer"),
     ],
 )
