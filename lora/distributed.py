@@ -84,11 +84,18 @@ def shard_rows(batch: list[int], info: DistInfo) -> list[int]:
 
 
 def wrap_for_data_parallel(module: torch.nn.Module, device: torch.device, info: DistInfo):
-    """DDP around `module` under torchrun (it syncs gradients of work done in its forward)."""
+    """DDP around `module` under torchrun (it syncs gradients of work done in its forward).
+
+    `broadcast_buffers=False`: by default DDP copies every buffer from process 0 to the others
+    before each forward. The model's buffers (rotary frequencies) are frozen and identical
+    everywhere, so that copy would be pure traffic.
+    """
     if not info.enabled:
         return module
     return DistributedDataParallel(
-        module, device_ids=[device.index] if device.type == "cuda" else None
+        module,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        broadcast_buffers=False,
     )
 
 
