@@ -204,10 +204,13 @@ def test_adapter_path_under_autocast_makes_no_fp32_copy_of_the_input():
 # --- optimizer_step: overflow, divergence, schedule -----------------------------------------
 
 
-def step_run(precision, warmup=2, total=10, init_scale=2.0**16):
-    """The parts of a Run that optimizer_step touches, around one fp32 parameter."""
+def step_run(precision, warmup=2, total=10, init_scale=2.0**16, fused=False):
+    """The parts of a Run that optimizer_step touches, around one fp32 parameter.
+
+    `fused=True` is the AdamW a GPU run uses: GradScaler hands it the inf check itself.
+    """
     param = torch.nn.Parameter(torch.ones(4))
-    optimizer = torch.optim.AdamW([param], lr=0.1)
+    optimizer = torch.optim.AdamW([param], lr=0.1, fused=fused)
     scaler = grad_scaler_for(precision, CPU)
     if scaler:
         scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
@@ -226,8 +229,9 @@ def backward(run, param, grad_value=1.0):
     (run.scaler.scale(loss) if run.scaler else loss).backward()
 
 
-def test_gradscaler_overflow_skips_the_update_lowers_the_scale_and_is_not_divergence():
-    run, param, logs = step_run("fp16")
+@pytest.mark.parametrize("fused", [False, True])
+def test_gradscaler_overflow_skips_the_update_lowers_the_scale_and_is_not_divergence(fused):
+    run, param, logs = step_run("fp16", fused=fused)
     for _ in range(MAX_BAD_STEPS + 2):  # more overflows in a row than divergence allows
         scale = run.scaler.get_scale()
         backward(run, param, float("inf"))
@@ -453,12 +457,45 @@ def test_infer_merge_prints_the_measured_difference(bf16_base_and_adapter):
 
 def test_ddp_does_not_broadcast_the_frozen_buffers(tmp_path):
     import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
 
     from lora.distributed import DistInfo, wrap_for_data_parallel
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
-        ddp = wrap_for_data_parallel(torch.nn.Linear(2, 2), CPU, DistInfo(0, 2, 0))
-        assert ddp.broadcast_buffers is False
+        with_buffers = torch.nn.BatchNorm1d(2)
+        assert DistributedDataParallel(with_buffers).will_sync_module_buffers()  # the default
+        ddp = wrap_for_data_parallel(with_buffers, CPU, DistInfo(0, 2, 0))
+        assert not ddp.will_sync_module_buffers()
     finally:
         dist.destroy_process_group()
+
+
+# --- make gpu-check --------------------------------------------------------------------------
+
+
+def test_gpu_check_without_a_gpu_says_so_exits_0_and_claims_nothing():
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu_check.py")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert "no CUDA GPU" in p.stdout and "nothing was checked" in p.stdout
+    assert "passed" not in p.stdout and "tokens/s" not in p.stdout
+
+
+def test_gpu_check_logic_runs_on_the_cpu_with_a_tiny_config(qwen2_dir, capsys):
+    from bench.gpu_check import main
+
+    assert (
+        main(["--device", "cpu", "--config", str(qwen2_dir / "config.json"), "--steps", "12"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert out.count("adapter reloads: yes") == 2 and "all checks passed" in out
