@@ -216,19 +216,12 @@ def optimizer_step(run: Run, loss: float) -> tuple[float, float]:
         run.log(f"note: step {step}: fp16 gradients overflowed at loss scale {scale:g}; update "
                 f"skipped, scale lowered to {run.scaler.get_scale():g}")  # fmt: skip
     elif outcome == "bad":
-        run.bad_steps += 1
-        run.log(f"warning: step {step}: loss {loss}, grad norm {grad_norm}: not finite; "
-                f"update skipped")  # fmt: skip
-        if run.bad_steps >= MAX_BAD_STEPS:
-            raise UserError(
-                f"{run.bad_steps} non-finite updates in a row: training diverged. Try a lower --lr "
-                f"(now {run.cfg.lr}), --precision bf16 or fp32 instead of fp16, or a smaller --max-grad-norm."
-            )
+        count_bad_step(run, f"step {step}: loss {loss}, grad norm {grad_norm}")
     return grad_norm, lr
 
 
 def step_outcome(loss: float, grad_norm: float, scale: float | None) -> str:
-    """ "update", "overflow" (fp16 loss scale too high) or "bad" (divergence): see optimizer_step.
+    """One of update, overflow (fp16 loss scale too high), bad (divergence): see optimizer_step.
 
     Under a GradScaler (`scale` not None), non-finite gradients with a finite loss are an
     overflow of the *scaled* gradients, which a lower scale fixes, as long as the scale is at
@@ -240,6 +233,17 @@ def step_outcome(loss: float, grad_norm: float, scale: float | None) -> str:
     if math.isfinite(grad_norm):
         return "update"
     return "overflow" if scale is not None and scale >= 1.0 else "bad"
+
+
+def count_bad_step(run: Run, what: str) -> None:
+    """Warn about a skipped non-finite step; MAX_BAD_STEPS in a row stop the run with advice."""
+    run.bad_steps += 1
+    run.log(f"warning: {what}: not finite; update skipped")
+    if run.bad_steps >= MAX_BAD_STEPS:
+        raise UserError(
+            f"{run.bad_steps} non-finite updates in a row: training diverged. Try a lower --lr "
+            f"(now {run.cfg.lr}), --precision bf16 or fp32 instead of fp16, or a smaller --max-grad-norm."
+        )
 
 
 def evaluation_due(run: Run) -> bool:
