@@ -1,4 +1,4 @@
-# make train | test | lint | format | demo | bench | clean       (MODEL=, DATA=, ARGS= override)
+# make train | test | lint | format | demo | bench | gpu-check | clean       (MODEL=, DATA=, ARGS= override)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -8,13 +8,13 @@ OUT    ?= out
 ARGS   ?=
 # Which torch to install. Plain `torch` gets PyPI's default build (CUDA on Linux);
 # CI sets TORCH_SPEC=torch==2.13.0 to use the CPU wheel it has locally.
-TORCH_SPEC ?= torch>=2.2
+TORCH_SPEC ?= torch>=2.4
 
 RUNTIME := $(VENV)/.runtime-installed
 DEV     := $(VENV)/.dev-installed
 DEMO_MODEL := .cache/demo-model
 
-.PHONY: train test lint format demo bench clean
+.PHONY: train test lint format demo bench gpu-check clean
 
 # Setup is idempotent: the stamp files make a second run install nothing.
 $(RUNTIME): requirements.txt
@@ -62,6 +62,11 @@ demo: $(RUNTIME)
 bench: $(DEV)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/run.py $(ARGS)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/data_prep.py
+
+# On a CUDA machine: ~20 steps of a random-init Qwen2.5-0.5B in bf16 and fp16 (loss falls, adapter
+# reloads, tokens/s, peak memory). Without a GPU it says so and exits 0.
+gpu-check: $(RUNTIME)
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/gpu_check.py $(ARGS)
 
 clean:
 	rm -rf $(OUT) .cache .pytest_cache $(VENV)

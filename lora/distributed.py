@@ -11,6 +11,7 @@ is the same code.
 
 from __future__ import annotations
 
+import inspect
 import os
 import signal
 import sys
@@ -83,12 +84,25 @@ def shard_rows(batch: list[int], info: DistInfo) -> list[int]:
     return batch[r * n // w : (r + 1) * n // w]
 
 
+# torch 2.13 renamed `broadcast_buffers` to `forward_sync_buffers` (the old name warns).
+NO_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    else {"broadcast_buffers": False}
+)
+
+
 def wrap_for_data_parallel(module: torch.nn.Module, device: torch.device, info: DistInfo):
-    """DDP around `module` under torchrun (it syncs gradients of work done in its forward)."""
+    """DDP around `module` under torchrun (it syncs gradients of work done in its forward).
+
+    By default DDP copies every buffer from process 0 to the others before each forward. The
+    model's buffers (rotary frequencies) are frozen and identical everywhere, so that copy
+    would be pure traffic: we turn it off.
+    """
     if not info.enabled:
         return module
     return DistributedDataParallel(
-        module, device_ids=[device.index] if device.type == "cuda" else None
+        module, device_ids=[device.index] if device.type == "cuda" else None, **NO_BUFFER_SYNC
     )
 
 

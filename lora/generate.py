@@ -17,8 +17,8 @@ import torch
 from .adapter import load_adapter, read_adapter_config, read_adapter_extra
 from .data import Sample, Turn
 from .errors import UserError
-from .inject import lora_disabled, remove_lora
-from .model import load_model, load_tokenizer
+from .inject import lora_disabled, lora_layers, remove_lora
+from .model import checkpoint_dtype, load_model, load_tokenizer
 from .precision import inference_dtype, pick_device
 from .prompt import PromptFormat, encode_prompt, split_reasoning, stop_token_ids
 
@@ -174,26 +174,74 @@ def generate_compare(loaded: LoadedAdapter, samples, settings) -> list[dict]:
     return [{"base": b, "tuned": t} for b, t in zip(base, tuned)]
 
 
+def merge_adapters(model) -> float:
+    """Fold every adapter into its base weight (in fp32, rounded once into the base dtype).
+
+    Returns the largest fraction of a layer's ΔW that rounding lost: 0 for an fp32 base, often
+    10-90% for a bf16 base (see layer.py). Already merged layers count as 0.
+    """
+    return max((m.merge() for m in lora_layers(model).values()), default=0.0)
+
+
+@dataclass
+class MergeReport:
+    dtype: torch.dtype  # of the merged weights
+    lost: float  # largest fraction of a layer's ΔW lost to rounding
+    max_logit_diff: float  # max |logit| difference, merged vs unmerged, on the measured prompt
+
+    def message(self) -> str:
+        name = str(self.dtype).replace("torch.", "")
+        if self.dtype == torch.float32:
+            head = "merged in fp32 (exact up to float rounding)"
+        else:
+            head = (
+                f"merged in fp32 and rounded into {name} weights: up to {self.lost:.0%} of a "
+                f"layer's update was rounded away (--dtype fp32 merges exactly)"
+            )
+        return f"note: {head}; max |logit difference| merged vs unmerged on the prompt: {self.max_logit_diff:.3g}"
+
+
+@torch.no_grad()
+def merge_and_measure(loaded: LoadedAdapter, sample: Sample) -> MergeReport:
+    """Merge the adapters for generation, measuring what merging changed on `sample`'s prompt.
+
+    Merging is meant to change nothing but speed. In fp32 that holds; in bf16/fp16 rounding
+    the merged weights loses part of the update, so we measure the logits before and after.
+    """
+    model = loaded.model
+    ids = torch.tensor([encode_prompt(sample, loaded.fmt, loaded.tokenizer)])
+    ids = ids.to(next(model.parameters()).device)
+    before = model(ids).logits.float()
+    lost = merge_adapters(model)
+    after = model(ids).logits.float()
+    dtype = next(model.parameters()).dtype
+    return MergeReport(dtype, lost, float((after - before).abs().max()))
+
+
 def export_merged(
     adapter_dir, out_dir, model_override=None, trust_remote_code=False, log=print
 ) -> Path:
     """Write base + adapter as one plain Hugging Face checkpoint (no trace of LoRA).
 
-    The merge happens in fp32 (the base is loaded in fp32), then the weights are cast back to
-    the base checkpoint's own dtype. In bf16/fp16 that rounding changes logits slightly.
+    The output keeps the base checkpoint's dtype (a bf16 base exports at bf16 size). That dtype
+    is read from the checkpoint's config *before* loading (a model loaded in fp32 reports fp32)
+    and the base is loaded in it, exactly as stored. Each merge is computed in fp32 from the
+    exact W0 and the fp32 adapter, then rounded once; in bf16/fp16 that rounding loses part of
+    ΔW, and we say how much.
     """
     config = read_adapter_config(adapter_dir)
     base = base_model_of(adapter_dir, config, model_override)
     tokenizer = load_tokenizer(base, trust_remote_code)
-    model = load_model(base, torch.float32, "cpu", trust_remote_code)
-    saved_dtype = _checkpoint_dtype(model)
+    saved_dtype = checkpoint_dtype(base, trust_remote_code)
+    model = load_model(base, saved_dtype, "cpu", trust_remote_code)
     load_adapter(model, adapter_dir, dropout=0.0)
+    lost = merge_adapters(model)
     remove_lora(model)
-    model.to(saved_dtype)
     if saved_dtype != torch.float32:
         log(
-            f"note: merged in fp32 and saved as {str(saved_dtype).replace('torch.', '')} like the base; "
-            f"rounding makes logits differ slightly from base + adapter"
+            f"note: merged in fp32 and saved as {str(saved_dtype).replace('torch.', '')} like the "
+            f"base; rounding lost up to {lost:.0%} of a layer's update (logits differ slightly "
+            f"from base + adapter)"
         )
     fmt = PromptFormat.from_dict(read_adapter_extra(adapter_dir).get("prompt_format"))
     stops = stop_token_ids(tokenizer, fmt, model.generation_config)
@@ -205,13 +253,6 @@ def export_merged(
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return out_dir
-
-
-def _checkpoint_dtype(model) -> torch.dtype:
-    value = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
-    if isinstance(value, str):
-        value = getattr(torch, value, None)
-    return value if isinstance(value, torch.dtype) else torch.float32
 
 
 def single_turn(prompt: str, user_input: str = "") -> Sample:

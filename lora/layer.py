@@ -30,14 +30,24 @@ What α / r does
 Precision
     The frozen base may be bf16/fp16 to save memory; `A` and `B` are always fp32, because
     they are what the optimizer updates (AdamW's tiny steps vanish in bf16, and `GradScaler`
-    refuses fp16 parameters). The input is cast to fp32 for the adapter path and the result
-    cast back to the base output's dtype before the sum.
+    refuses fp16 parameters). They are *master weights*: how the adapter path computes
+    depends on whether autocast is on.
+      - Training in bf16/fp16 runs under autocast, which casts A and B to the 16-bit dtype for
+        the matrix products (their gradients still arrive in fp32, on the fp32 weights). The
+        input `x` is already 16-bit, so it goes in as it is: casting it to fp32 first would
+        make an fp32 copy of the activation that autocast then casts straight back.
+      - Without autocast (fp32 training, generation with a 16-bit base), the adapter path
+        runs in fp32: the input is cast up, the result cast back to the base output's dtype.
 
 Merging
     For inference, `W0 + (α/r)·BA` can be folded into one matrix (`merge()`), so the adapter
     costs nothing at generation time. `unmerge()` subtracts it again. Both are explicit,
     idempotent (a `merged` flag), and computed in fp32 before casting to the base dtype.
     Switching to `.eval()` never merges: hidden state changes make bugs.
+    In fp32 merging is exact up to float rounding. Into a bf16/fp16 base it is not: ΔW is
+    typically 100-1000× smaller than W0, and bf16 keeps only ~3 significant digits of each
+    sum `W0 + ΔW`, so much of ΔW is rounded away. `merge()` returns the fraction of ΔW lost,
+    ‖W_merged − (W0 + ΔW)‖ / ‖ΔW‖, so callers can say how much.
 """
 
 from __future__ import annotations
@@ -119,7 +129,9 @@ class LoRALinear(nn.Module):
         h = self.base_layer(x)  # W0 x + b, in the base's dtype
         if self.merged or self.disabled:
             return h  # merged: ΔW is already inside W0
-        x = self.lora_dropout(x.to(self.lora_A.weight.dtype))
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_A.weight.dtype)  # under autocast, A and B come to x's dtype
+        x = self.lora_dropout(x)
         Ax = self.lora_A(x)  # (..., r): the input squeezed through the rank-r bottleneck
         BAx = self.lora_B(Ax)  # (..., out)
         return h + (self.scaling * BAx).to(h.dtype)
@@ -130,13 +142,21 @@ class LoRALinear(nn.Module):
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """Fold ΔW into the base weight: W ← W0 + ΔW. A second call does nothing."""
+    def merge(self) -> float:
+        """Fold ΔW into the base weight: W ← W0 + ΔW. A second call does nothing.
+
+        The sum is computed in fp32 and rounded once into the base dtype. Returns the fraction
+        of ΔW that rounding lost (0 for an fp32 base, up to 1 for a tiny ΔW in bf16).
+        """
         if self.merged:
-            return
+            return 0.0
         weight = self.base_layer.weight
-        weight.copy_((weight.float() + self.delta_weight()).to(weight.dtype))
+        delta = self.delta_weight()
+        exact = weight.float() + delta
+        weight.copy_(exact.to(weight.dtype))
         self.merged = True
+        size = float(delta.norm())
+        return float((weight.float() - exact).norm()) / size if size > 0 else 0.0
 
     @torch.no_grad()
     def unmerge(self) -> None:

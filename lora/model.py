@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .errors import UserError
 
@@ -107,3 +107,24 @@ def load_model(
     # The KV cache is for generation; during training it only costs memory.
     model.config.use_cache = False
     return model
+
+
+def checkpoint_dtype(name_or_path: str, trust_remote_code: bool = False) -> torch.dtype:
+    """The dtype the checkpoint's weights are stored in, read from its config.json.
+
+    Read *before* loading: once a model is loaded in fp32, transformers reports fp32 as its
+    dtype, whatever the files hold. A config that names no dtype means fp32.
+    """
+    local = _check_source(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(
+            name_or_path, trust_remote_code=trust_remote_code, local_files_only=local
+        )
+    except Exception as e:
+        if local:
+            raise UserError(f"could not read the config of {name_or_path}: {e}") from None
+        raise _hub_error(name_or_path, e) from None
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if isinstance(value, torch.dtype) else torch.float32

@@ -151,9 +151,12 @@ def setup(cfg: TrainConfig, plan: RunDirPlan, dist: DistInfo, device, precision:
 
 
 def load_model_with_lora(cfg: TrainConfig, device, precision: str):
-    """The frozen base (half precision on GPU), LoRA injected; returns (model, LoRAReport)."""
-    base_dtype = DTYPES[precision] if device.type == "cuda" else torch.float32
-    model = load_model(cfg.model, base_dtype, device, cfg.trust_remote_code)
+    """The frozen base in the run's precision, fp32 LoRA injected; returns (model, LoRAReport).
+
+    The base is stored in bf16/fp16 on any device (half the memory); the adapters are created
+    in fp32 by `LoRALinear` whatever the base dtype.
+    """
+    model = load_model(cfg.model, DTYPES[precision], device, cfg.trust_remote_code)
     report = apply_lora(model, cfg.targets, cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora)
     if cfg.grad_checkpointing:
         # use_reentrant=False: the re-entrant variant drops gradients of inputs that do not

@@ -4,7 +4,7 @@
     for epoch, window in batches:            # one window = grad_accum micro-batches
         N = supervised tokens in the window (all micro-batches, all processes), counted first
         for each micro-batch b:  backward( loss_sum(b) / N )
-        unscale (fp16), clip, skip if not finite, AdamW step, schedule step
+        unscale (fp16), clip, skip if not finite, AdamW step, schedule step (applied updates only)
         log; evaluate / checkpoint when due; stop cleanly on Ctrl-C
     evaluate, save the adapter
 
@@ -164,12 +164,12 @@ def train_loop(run: Run, stop) -> TrainResult | None:
             [loss_sum, local_tokens, stop.requested], run.device
         )
         loss = loss_total / n_tokens
-        grad_norm = optimizer_step(run, loss)
+        grad_norm, lr = optimizer_step(run, loss)
         state.step, state.epoch, state.batch_in_epoch = state.step + 1, epoch, next_batch
 
         dt = time.perf_counter() - t0
         record = {
-            "step": state.step, "epoch": epoch, "loss": loss, "lr": run.scheduler.get_last_lr()[0],
+            "step": state.step, "epoch": epoch, "loss": loss, "lr": lr,
             "grad_norm": grad_norm, "tokens_per_s": real_tokens / dt, "real_tokens": int(real_tokens),
             "supervised_tokens": int(n_tokens), "step_time_s": dt,
         }  # fmt: skip
@@ -222,38 +222,74 @@ def backward_window(
     return float(loss_sum_total), n_window
 
 
-def optimizer_step(run: Run, loss: float) -> float:
-    """Unscale (fp16), clip, skip a non-finite update, step AdamW and the schedule.
+def optimizer_step(run: Run, loss: float) -> tuple[float, float]:
+    """Unscale (fp16), clip, then apply or skip the update. Returns (grad norm, learning rate).
 
-    fp16 overflow (inf gradients) is routine: GradScaler skips that step and lowers its scale.
-    A NaN loss, or non-finite gradients without a scaler, means divergence: the update is
-    skipped, and MAX_BAD_STEPS in a row stop the run. Returns the gradient norm before clipping.
+    Each step ends in one of three outcomes (`step_outcome`):
+        update     loss and gradients finite: AdamW steps, and so does the schedule.
+        overflow   fp16 only: a finite loss but inf/NaN gradients. Routine: the loss scale was
+                   too high. GradScaler skips the update and halves its scale. Not divergence.
+        bad        a non-finite loss, or non-finite gradients that loss scaling cannot explain:
+                   the update is skipped, and MAX_BAD_STEPS in a row stop the run.
+
+    The schedule counts *applied* updates: a skipped step moves neither warmup nor the cosine.
+    fp16's first steps often overflow while GradScaler searches its scale; letting them advance
+    the schedule would spend the warmup before the first real update. The price: after k skipped
+    steps the run ends k updates short of the schedule's end (a slightly higher last rate).
+
+    The learning rate returned is the one this step used (or would have used), read before the
+    schedule moves on: that is the rate to log next to this step's loss.
     """
+    lr = run.optimizer.param_groups[0]["lr"]
+    scale = run.scaler.get_scale() if run.scaler else None
     if run.scaler:
         run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the scaled ones
     max_norm = run.cfg.max_grad_norm if run.cfg.max_grad_norm > 0 else float("inf")
     grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params, max_norm))
-    finite = math.isfinite(loss) and (run.scaler is not None or math.isfinite(grad_norm))
-    if finite:
+    outcome = step_outcome(loss, grad_norm, scale)
+    if outcome == "update":
         if run.scaler:
-            run.scaler.step(run.optimizer)  # skips by itself on inf gradients
+            run.scaler.step(run.optimizer)
         else:
             run.optimizer.step()
+        run.scheduler.step()
         run.last_loss, run.bad_steps = loss, 0
     if run.scaler:
-        run.scaler.update()
+        run.scaler.update()  # grows the scale after a run of good steps, halves it on overflow
     run.optimizer.zero_grad(set_to_none=True)
-    run.scheduler.step()
-    if not finite:
-        run.bad_steps += 1
-        run.log(f"warning: step {run.state.step + 1}: loss {loss}, grad norm {grad_norm}: "
-                f"not finite; update skipped")  # fmt: skip
-        if run.bad_steps >= MAX_BAD_STEPS:
-            raise UserError(
-                f"{run.bad_steps} non-finite updates in a row: training diverged. Try a lower --lr "
-                f"(now {run.cfg.lr}), --precision bf16 or fp32 instead of fp16, or a smaller --max-grad-norm."
-            )
-    return grad_norm
+    step = run.state.step + 1
+    if outcome == "overflow":
+        run.log(f"note: step {step}: fp16 gradients overflowed at loss scale {scale:g}; update "
+                f"skipped, scale lowered to {run.scaler.get_scale():g}")  # fmt: skip
+    elif outcome == "bad":
+        count_bad_step(run, f"step {step}: loss {loss}, grad norm {grad_norm}")
+    return grad_norm, lr
+
+
+def step_outcome(loss: float, grad_norm: float, scale: float | None) -> str:
+    """One of update, overflow (fp16 loss scale too high), bad (divergence): see optimizer_step.
+
+    Under a GradScaler (`scale` not None), non-finite gradients with a finite loss are an
+    overflow of the *scaled* gradients, which a lower scale fixes, as long as the scale is at
+    least 1. Below 1 the scaled gradients are smaller than the true ones: if even those
+    overflow, the true gradients do too, and lowering the scale further cannot help.
+    """
+    if not math.isfinite(loss):
+        return "bad"
+    if math.isfinite(grad_norm):
+        return "update"
+    return "overflow" if scale is not None and scale >= 1.0 else "bad"
+
+
+def count_bad_step(run: Run, what: str) -> None:
+    """Warn about a skipped non-finite step; MAX_BAD_STEPS in a row stop the run with advice."""
+    run.bad_steps += 1
+    run.log(f"warning: {what}: not finite; update skipped")
+    if run.bad_steps >= MAX_BAD_STEPS:
+        raise UserError(
+            f"{run.bad_steps} non-finite updates in a row: training diverged. Try a lower --lr "
+            f"(now {run.cfg.lr}), --precision bf16 or fp32 instead of fp16, or a smaller --max-grad-norm."
+        )
 
 
 def evaluation_due(run: Run) -> bool:

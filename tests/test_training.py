@@ -319,14 +319,14 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(qwen2_dir, tmp_path):
     "args,needle",
     [
         (["--model", "/no/such/model"], "does not exist"),
-        (["--precision", "bf16"], "needs a CUDA GPU"),
+        (["--device", "cuda"], "no CUDA GPU is available"),
         (["--data", "/no/such.json"], "does not exist"),
         (["--rank", "0"], "--rank must be an integer >= 1"),
         (["--targets", "qkv"], "match no linear layer"),
     ],
 )
 def test_cli_bad_inputs_are_one_clear_line(qwen2_dir, tmp_path, args, needle):
-    if torch.cuda.is_available() and "bf16" in args:
+    if torch.cuda.is_available() and "cuda" in args:
         pytest.skip("a GPU is present")
     data = write_json(tmp_path / "rows.json", overfit_rows(4))
     base = [
