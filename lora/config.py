@@ -81,6 +81,12 @@ class TrainConfig:
         "allow model code from the checkpoint (off: only transformers' own code runs)",
         "model and LoRA",
     )
+    quantize: str = _opt(
+        "none",
+        "QLoRA: store the frozen base in 4-bit NF4 or 8-bit (needs bitsandbytes)",
+        "model and LoRA",
+        choices=("none", "nf4", "int8"),
+    )
     # training
     output: str = _opt("out", "output directory", "training")
     epochs: float = _opt(3.0, "passes over the data", "training")

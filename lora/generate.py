@@ -21,6 +21,7 @@ from .inject import lora_disabled, remove_lora
 from .model import load_model, load_tokenizer
 from .precision import inference_dtype, pick_device
 from .prompt import PromptFormat, encode_prompt, stop_token_ids
+from .quantize import quantization_config
 
 
 @dataclass
@@ -67,13 +68,20 @@ def load_for_inference(
     device: str = "auto",
     dtype: str = "auto",
     trust_remote_code: bool = False,
+    quantize: str = "none",
 ) -> LoadedAdapter:
-    """Base model (from the adapter's config or `--model`) + adapter, ready to generate."""
+    """Base model (from the adapter's config or `--model`) + adapter, ready to generate.
+
+    `quantize` ("nf4", "int8") loads the base quantized (QLoRA, see quantize.py), whatever
+    base the adapter was trained on; the adapter itself stays in full precision.
+    """
     config = read_adapter_config(adapter_dir)
     base = base_model_of(adapter_dir, config, model_override)
     dev = pick_device(device)
     tokenizer = load_tokenizer(base, trust_remote_code)
-    model = load_model(base, inference_dtype(dtype, dev), dev, trust_remote_code)
+    compute_dtype = inference_dtype(dtype, dev)
+    quantized = quantization_config(quantize, compute_dtype)
+    model = load_model(base, compute_dtype, dev, trust_remote_code, quantized)
     load_adapter(model, adapter_dir, dropout=0.0)
     model.eval()
     model.config.use_cache = True
@@ -157,9 +165,17 @@ def export_merged(
 
     The merge happens in fp32 (the base is loaded in fp32), then the weights are cast back to
     the base checkpoint's own dtype. In bf16/fp16 that rounding changes logits slightly.
+    The base is never quantized here, even for an adapter trained on an NF4/int8 base (QLoRA):
+    merging into dequantized 4-bit weights would bake their rounding error into the model.
     """
     config = read_adapter_config(adapter_dir)
     base = base_model_of(adapter_dir, config, model_override)
+    trained_on = read_adapter_extra(adapter_dir).get("base_quantization", "none")
+    if trained_on != "none":
+        log(
+            f"note: the adapter was trained on a {trained_on}-quantized base; it is merged into "
+            f"the original unquantized weights of {base}, not into quantized ones"
+        )
     tokenizer = load_tokenizer(base, trust_remote_code)
     model = load_model(base, torch.float32, "cpu", trust_remote_code)
     saved_dtype = _checkpoint_dtype(model)

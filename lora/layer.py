@@ -49,6 +49,7 @@ from torch import nn
 
 from .config import DEFAULT_ALPHA, DEFAULT_RANK
 from .errors import UserError
+from .quantize import is_quantized
 
 
 class LoRALinear(nn.Module):
@@ -57,6 +58,11 @@ class LoRALinear(nn.Module):
     Submodule names (`base_layer`, `lora_A`, `lora_B`) follow PEFT, so the adapter's state-dict
     keys (`...q_proj.lora_A.weight`, shape `(r, in)`; `...q_proj.lora_B.weight`, shape
     `(out, r)`) are the ones PEFT reads and writes.
+
+    The base may be a quantized layer (QLoRA, see quantize.py): bitsandbytes' `Linear4bit` and
+    `Linear8bitLt` subclass `nn.Linear`, and their forward dequantizes the frozen weight block
+    by block before the matmul, so `base(x)` above is unchanged and `A`, `B` stay fp32 on top.
+    Only merging differs: it is refused, since ΔW cannot be added into 4-bit or 8-bit weights.
     """
 
     def __init__(
@@ -134,6 +140,12 @@ class LoRALinear(nn.Module):
         """Fold ΔW into the base weight: W ← W0 + ΔW. A second call does nothing."""
         if self.merged:
             return
+        if is_quantized(self.base_layer):
+            raise UserError(
+                "cannot merge LoRA into a quantized (4-bit/8-bit) base weight: the sum would be "
+                "rounded back to the quantized grid, losing most of the adapter; merge into the "
+                "original checkpoint instead (load the base without --quantize)"
+            )
         weight = self.base_layer.weight
         weight.copy_((weight.float() + self.delta_weight()).to(weight.dtype))
         self.merged = True
