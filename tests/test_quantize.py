@@ -161,12 +161,19 @@ def test_the_adapter_path_is_the_same_on_a_quantized_and_a_full_base(rich_dir):
             torch.testing.assert_close(layer(x) - twin(x), quantization_error, atol=1e-5, rtol=0)
 
 
-def test_nf4_trained_adapter_on_the_unquantized_base_gives_close_logits(rich_dir, tmp_path):
-    data = write_json(tmp_path / "rows.json", overfit_rows(8))
-    train(train_cfg(rich_dir, data, tmp_path / "out", max_steps=6))
+@pytest.fixture(scope="module")
+def nf4_adapter(rich_dir, tmp_path_factory):
+    """An adapter trained for 6 steps on the NF4-quantized rich model."""
+    tmp = tmp_path_factory.mktemp("nf4-adapter")
+    data = write_json(tmp / "rows.json", overfit_rows(8))
+    train(train_cfg(rich_dir, data, tmp / "out"))
+    return tmp / "out"
+
+
+def test_nf4_trained_adapter_on_the_unquantized_base_gives_close_logits(rich_dir, nf4_adapter):
     nf4, full = quantized(rich_dir), load_model(str(rich_dir))
     for model in (nf4, full):
-        load_adapter(model, tmp_path / "out", dropout=0.0)
+        load_adapter(model, nf4_adapter, dropout=0.0)
     x = ids(full)
     with torch.no_grad():
         tuned_nf4, tuned_full = nf4(x).logits, full(x).logits
@@ -218,3 +225,57 @@ def test_unknown_quantize_value_and_missing_bitsandbytes_are_one_line_errors(mon
     with pytest.raises(UserError, match=r"needs bitsandbytes.*pip install 'bitsandbytes>=0.48'"):
         quantization_config("nf4", torch.float32)
     assert quantization_config("none", torch.float32) is None  # no --quantize: never imported
+
+
+def test_export_of_an_nf4_adapter_merges_into_the_unquantized_checkpoint(
+    rich_dir, nf4_adapter, tmp_path, capsys
+):
+    from transformers import AutoModelForCausalLM
+
+    import infer
+
+    argv = [
+        "--adapter",
+        str(nf4_adapter),
+        "--export",
+        str(tmp_path / "merged"),
+        "--quantize",
+        "nf4",
+    ]
+    assert infer.main(argv) == 0
+    said = capsys.readouterr()
+    assert "merges into the unquantized base" in said.err
+    assert "trained on a nf4-quantized base" in said.out
+    exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
+    assert {p.dtype for p in exported.parameters()} == {torch.float32}
+    full = load_model(str(rich_dir))
+    load_adapter(full, nf4_adapter, dropout=0.0)
+    x = ids(full)
+    with torch.no_grad():  # fp32 merge: equal to base + adapter up to fp32 rounding
+        torch.testing.assert_close(exported(x).logits, full(x).logits, atol=1e-4, rtol=0)
+
+
+def test_infer_generates_on_an_nf4_base_and_refuses_merge_with_quantize(nf4_adapter, capsys):
+    import infer
+
+    ask = ["--adapter", str(nf4_adapter), "--prompt", "头痛", "--max-new-tokens", "3"]
+    assert infer.main([*ask, "--quantize", "nf4"]) == 0
+    capsys.readouterr()
+    assert infer.main([*ask, "--quantize", "nf4", "--merge"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("error: --merge and --quantize nf4 do not combine") and err.count("\n") == 1
+    )
+    with pytest.raises(SystemExit):
+        infer.main([*ask, "--quantize", "nf3"])
+    assert "invalid choice: 'nf3'" in capsys.readouterr().err
+
+
+def test_train_refuses_an_unknown_quantize_from_a_config_file(qwen2_dir, tmp_path, capsys):
+    import train as train_cli
+
+    data = write_json(tmp_path / "rows.json", overfit_rows(2))
+    config = write_json(tmp_path / "run.json", {"quantize": "nf3"})
+    argv = ["--config", str(config), "--model", str(qwen2_dir), "--data", str(data)]
+    assert train_cli.main([*argv, "--output", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert "error: --quantize must be one of none, nf4, int8, got 'nf3'" in capsys.readouterr().err
