@@ -63,8 +63,9 @@ def estimates() -> list[dict]:
         linear, other = parameter_counts(cfg)
         bf16 = 2 * (linear + other)
         nf4 = linear * NF4_BITS / 8 + 2 * other
-        rows.append({"model": name, "params_B": (linear + other) / 1e9,
-                     "bf16_GB": bf16 / 1e9, "nf4_GB": nf4 / 1e9})  # fmt: skip
+        int8 = linear + 2 * other  # one byte per weight (+ one fp32 scale per row, negligible)
+        rows.append({"model": name, "params_B": (linear + other) / 1e9, "bf16_GB": bf16 / 1e9,
+                     "int8_GB": int8 / 1e9, "nf4_GB": nf4 / 1e9})  # fmt: skip
     return rows
 
 
@@ -219,11 +220,11 @@ def main() -> int:
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.estimates:
-        print("| model | parameters | bf16 weights | NF4 weights |\n|---|---:|---:|---:|")
+        print("| model | parameters | bf16 weights | int8 weights | NF4 weights |")
+        print("|---|---:|---:|---:|---:|")
         for r in estimates():
-            print(
-                f"| {r['model']} | {r['params_B']:.2f} B | {r['bf16_GB']:.1f} GB | {r['nf4_GB']:.1f} GB |"
-            )
+            print(f"| {r['model']} | {r['params_B']:.2f} B | {r['bf16_GB']:.1f} GB | "
+                  f"{r['int8_GB']:.1f} GB | {r['nf4_GB']:.1f} GB |")  # fmt: skip
         return 0
     if args.one:
         spec = json.loads(Path(args.spec).read_text())
