@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from lora.config import QUANTIZE_CHOICES
 from lora.errors import UserError
 
 
@@ -90,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--quantize",
         default="none",
-        choices=["none", "nf4", "int8"],
+        choices=QUANTIZE_CHOICES,
         help="load the base in 4-bit NF4 or 8-bit (QLoRA; needs bitsandbytes); --export and "
         "--merge always use the unquantized checkpoint",
     )

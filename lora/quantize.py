@@ -53,9 +53,9 @@ import logging
 import torch
 from torch import nn
 
+from .config import QUANTIZE_CHOICES
 from .errors import UserError
 
-QUANTIZE_CHOICES = ("none", "nf4", "int8")
 MIN_BITSANDBYTES = (0, 48)
 INSTALL_HINT = "pip install 'bitsandbytes>=0.48' accelerate"
 
