@@ -14,6 +14,7 @@ import re
 import sys
 from pathlib import Path
 
+from lora.config import QUANTIZE_CHOICES
 from lora.errors import UserError, os_error_line
 
 
@@ -101,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "fp32", "bf16", "fp16"],
         help="base weights' dtype (auto: bf16 on GPU, fp32 on CPU)",
     )
+    g.add_argument(
+        "--quantize",
+        default="none",
+        choices=QUANTIZE_CHOICES,
+        help="load the base in 4-bit NF4 or 8-bit (QLoRA; needs bitsandbytes); --export and "
+        "--merge always use the unquantized checkpoint",
+    )
     g.add_argument("--trust-remote-code", action="store_true")
     return p
 
@@ -136,7 +144,18 @@ def run(args) -> int:
 
     check_args(args)
     read_adapter_config(args.adapter)  # a missing or broken adapter is the first thing to report
+    if args.merge and args.quantize != "none":
+        raise UserError(
+            f"--merge and --quantize {args.quantize} do not combine: the adapter cannot be added "
+            "into quantized weights; drop --merge, or drop --quantize to merge into the full base"
+        )
     if args.export:
+        if args.quantize != "none":
+            print(
+                f"note: --export merges into the unquantized base checkpoint; --quantize "
+                f"{args.quantize} applies only to generation",
+                file=sys.stderr,
+            )
         path = gen.export_merged(args.adapter, args.export, args.model, args.trust_remote_code)
         print(
             f"merged model written to {path}: load it with AutoModelForCausalLM.from_pretrained('{path}')"
@@ -168,7 +187,13 @@ def run(args) -> int:
 
     torch.manual_seed(args.seed)
     loaded = gen.load_for_inference(
-        args.adapter, args.model, args.device, args.dtype, args.trust_remote_code, args.system
+        args.adapter,
+        args.model,
+        args.device,
+        args.dtype,
+        args.trust_remote_code,
+        system=args.system,
+        quantize=args.quantize,
     )
     if loaded.system_source == "data":
         print(

@@ -5,6 +5,7 @@ Reading order (each file holds one idea):
     inject.py      putting LoRALinear into a model, freezing the rest
     adapter.py     saving/loading adapters in PEFT's safetensors format
     model.py       loading the base model and tokenizer
+    quantize.py    QLoRA: the frozen base in 4-bit NF4 or int8 (bitsandbytes, optional)
     fileformat.py  bytes to records: encodings, JSON/JSONL/CSV containers
     data.py        records to conversations: schemas, bad rows, what was kept
     prompt.py      prompt templates and label masking (what the model learns to say)

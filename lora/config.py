@@ -25,6 +25,7 @@ DEFAULT_TARGETS = ("q_proj", "v_proj")  # the LoRA paper's choice: attention que
 DEFAULT_RANK = 8
 DEFAULT_ALPHA = 16.0
 DEFAULT_DROPOUT = 0.05
+QUANTIZE_CHOICES = ("none", "nf4", "int8")  # the frozen base: as stored, 4-bit NF4, 8-bit (QLoRA)
 
 
 def _opt(default, help: str, group: str, **flag):
@@ -94,6 +95,12 @@ class TrainConfig:
         False,
         "allow model code from the checkpoint (off: only transformers' own code runs)",
         "model and LoRA",
+    )
+    quantize: str = _opt(
+        "none",
+        "QLoRA: store the frozen base in 4-bit NF4 or 8-bit (needs bitsandbytes)",
+        "model and LoRA",
+        choices=QUANTIZE_CHOICES,
     )
     # training
     output: str = _opt("out", "output directory", "training")

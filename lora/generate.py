@@ -21,6 +21,7 @@ from .inject import lora_disabled, lora_layers, remove_lora
 from .model import checkpoint_dtype, load_model, load_tokenizer
 from .precision import inference_dtype, pick_device
 from .prompt import PromptFormat, encode_prompt, split_reasoning, stop_token_ids
+from .quantize import quantization_config
 
 
 @dataclass
@@ -69,17 +70,22 @@ def load_for_inference(
     dtype: str = "auto",
     trust_remote_code: bool = False,
     system: str | None = None,
+    quantize: str = "none",
 ) -> LoadedAdapter:
     """Base model (from the adapter's config or `--model`) + adapter, ready to generate.
 
     The system prompt of a question without its own: `system` (infer.py --system), else the
     one training gave every row (train.py --system), else the one most training rows carried.
+    `quantize` ("nf4", "int8") loads the base quantized (QLoRA, see quantize.py), whatever
+    base the adapter was trained on; the adapter itself stays in full precision.
     """
     config = read_adapter_config(adapter_dir)
     base = base_model_of(adapter_dir, config, model_override)
     dev = pick_device(device)
     tokenizer = load_tokenizer(base, trust_remote_code)
-    model = load_model(base, inference_dtype(dtype, dev), dev, trust_remote_code)
+    compute_dtype = inference_dtype(dtype, dev)
+    quantized = quantization_config(quantize, compute_dtype)
+    model = load_model(base, compute_dtype, dev, trust_remote_code, quantized)
     load_adapter(model, adapter_dir, dropout=0.0)
     model.eval()
     model.config.use_cache = True
@@ -228,9 +234,17 @@ def export_merged(
     and the base is loaded in it, exactly as stored. Each merge is computed in fp32 from the
     exact W0 and the fp32 adapter, then rounded once; in bf16/fp16 that rounding loses part of
     ΔW, and we say how much.
+    The base is never quantized here, even for an adapter trained on an NF4/int8 base (QLoRA):
+    merging into dequantized 4-bit weights would bake their rounding error into the model.
     """
     config = read_adapter_config(adapter_dir)
     base = base_model_of(adapter_dir, config, model_override)
+    trained_on = read_adapter_extra(adapter_dir).get("base_quantization", "none")
+    if trained_on != "none":
+        log(
+            f"note: the adapter was trained on a {trained_on}-quantized base; it is merged into "
+            f"the original unquantized weights of {base}, not into quantized ones"
+        )
     tokenizer = load_tokenizer(base, trust_remote_code)
     saved_dtype = checkpoint_dtype(base, trust_remote_code)
     model = load_model(base, saved_dtype, "cpu", trust_remote_code)

@@ -26,6 +26,7 @@ from torch import nn
 from .config import DEFAULT_ALPHA, DEFAULT_DROPOUT, DEFAULT_RANK, DEFAULT_TARGETS
 from .errors import UserError
 from .layer import LoRALinear, check_lora_hyperparameters
+from .quantize import stored_numel
 
 ALL_LINEAR = "all-linear"
 
@@ -143,7 +144,7 @@ def apply_lora(
         base = model.get_submodule(name)
         _replace_module(model, name, LoRALinear(base, r, alpha, dropout, use_rslora))
     trainable = freeze_all_but_lora(model)
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(stored_numel(p) for p in model.parameters())  # NF4 packs 2 weights a byte
     short = sorted({n.rsplit(".", 1)[-1] for n in names})
     return LoRAReport(names, short, trainable, total)
 

@@ -59,6 +59,7 @@ from torch import nn
 
 from .config import DEFAULT_ALPHA, DEFAULT_RANK
 from .errors import UserError
+from .quantize import is_quantized
 
 
 class LoRALinear(nn.Module):
@@ -67,6 +68,11 @@ class LoRALinear(nn.Module):
     Submodule names (`base_layer`, `lora_A`, `lora_B`) follow PEFT, so the adapter's state-dict
     keys (`...q_proj.lora_A.weight`, shape `(r, in)`; `...q_proj.lora_B.weight`, shape
     `(out, r)`) are the ones PEFT reads and writes.
+
+    The base may be a quantized layer (QLoRA, see quantize.py): bitsandbytes' `Linear4bit` and
+    `Linear8bitLt` subclass `nn.Linear`, and their forward dequantizes the frozen weight block
+    by block before the matmul, so `base(x)` above is unchanged and `A`, `B` stay fp32 on top.
+    Only merging differs: it is refused, since ΔW cannot be added into 4-bit or 8-bit weights.
     """
 
     def __init__(
@@ -150,6 +156,12 @@ class LoRALinear(nn.Module):
         """
         if self.merged:
             return 0.0
+        if is_quantized(self.base_layer):
+            raise UserError(
+                "cannot merge LoRA into a quantized (4-bit/8-bit) base weight: the sum would be "
+                "rounded back to the quantized grid, losing most of the adapter; merge into the "
+                "original checkpoint instead (load the base without --quantize)"
+            )
         weight = self.base_layer.weight
         delta = self.delta_weight()
         exact = weight.float() + delta

@@ -79,14 +79,21 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
+    quantization_config=None,
 ):
-    """`AutoModelForCausalLM.from_pretrained` in `dtype` on `device`, SDPA attention."""
+    """`AutoModelForCausalLM.from_pretrained` in `dtype` on `device`, SDPA attention.
+
+    With a `quantization_config` (see quantize.py) the linear layers are quantized while
+    loading, directly onto `device`: a quantized model cannot be moved afterwards.
+    """
     local = _check_source(name_or_path)
     kwargs = {
         _DTYPE_KWARG: dtype,
         "trust_remote_code": trust_remote_code,
         "local_files_only": local,
     }
+    if quantization_config is not None:
+        kwargs |= {"quantization_config": quantization_config, "device_map": {"": str(device)}}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path, attn_implementation="sdpa", **kwargs
@@ -103,7 +110,8 @@ def load_model(
                 f"could not load model {name_or_path}: {type(e).__name__}: {e}"
             ) from None
         raise _hub_error(name_or_path, e) from None
-    model.to(device)
+    if quantization_config is None:
+        model.to(device)
     # The KV cache is for generation; during training it only costs memory.
     model.config.use_cache = False
     return model

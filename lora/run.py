@@ -31,6 +31,7 @@ from .model import load_model, load_tokenizer
 from .precision import DTYPES, autocast_for, grad_scaler_for
 from .prepare import prepare_data
 from .prompt import PromptFormat, resolve_template, stop_token_ids
+from .quantize import quantization_config
 from .rundir import METRICS, RunDirPlan, RunRecord, clean_run_dir, write_train_args
 from .schedule import warmup_cosine, warmup_steps
 
@@ -122,6 +123,7 @@ def setup(cfg: TrainConfig, plan: RunDirPlan, dist: DistInfo, device, precision:
         adapter_meta={"base_model_name_or_path": cfg.model, "extra": {
             "prompt_format": fmt.to_dict(),
             "stop_token_ids": stop_token_ids(tokenizer, fmt, model.generation_config),
+            "base_quantization": cfg.quantize,
         }},
         record=RunRecord(data_summary, report.trainable_params, report.total_params,
                          len(report.adapted_modules)),
@@ -156,7 +158,9 @@ def load_model_with_lora(cfg: TrainConfig, device, precision: str):
     The base is stored in bf16/fp16 on any device (half the memory); the adapters are created
     in fp32 by `LoRALinear` whatever the base dtype.
     """
-    model = load_model(cfg.model, DTYPES[precision], device, cfg.trust_remote_code)
+    base_dtype = DTYPES[precision]
+    quantized = quantization_config(cfg.quantize, compute_dtype=base_dtype)  # None: no QLoRA
+    model = load_model(cfg.model, base_dtype, device, cfg.trust_remote_code, quantized)
     report = apply_lora(model, cfg.targets, cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora)
     if cfg.grad_checkpointing:
         # use_reentrant=False: the re-entrant variant drops gradients of inputs that do not
