@@ -2,7 +2,7 @@
 
 Modes: one question (--prompt, or --instruction/--input), a file of questions (--file), an
 interactive chat (no question and a terminal, or --chat), before/after (--compare), and
---export DIR to write a merged standalone checkpoint. A thin CLI over `lora.generate`.
+--export DIR to write a merged standalone checkpoint, --export-gguf FILE for llama.cpp/Ollama. A thin CLI over `lora.generate`.
 """
 
 from __future__ import annotations
@@ -60,6 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="write a merged standalone HF checkpoint to DIR",
     )
+    m.add_argument(
+        "--export-gguf",
+        default=None,
+        metavar="FILE",
+        help="write base + adapter as one GGUF file for llama.cpp, with an Ollama Modelfile beside it",
+    )
+    m.add_argument(
+        "--gguf-type",
+        default="f16",
+        choices=["f32", "f16", "bf16", "q8_0"],
+        help="weight type of --export-gguf (norms and biases stay f32)",
+    )
     g = p.add_argument_group("generation")
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -95,8 +107,16 @@ def run(args) -> int:
         print(
             f"merged model written to {path}: load it with AutoModelForCausalLM.from_pretrained('{path}')"
         )
-        if not (args.prompt or args.instruction or args.file or args.chat):
-            return 0
+    if args.export_gguf:
+        from lora.gguf import export_gguf
+
+        gguf_path, _ = export_gguf(
+            args.adapter, args.export_gguf, args.gguf_type, args.model, args.trust_remote_code
+        )
+        print(f"try it: llama-cli -m {gguf_path} --jinja   or   ollama create mymodel -f Modelfile")
+    asks = args.prompt or args.instruction or args.file or args.chat
+    if (args.export or args.export_gguf) and not asks:
+        return 0
 
     question = args.prompt or args.instruction
     interactive = args.chat or (not question and not args.file and sys.stdin.isatty())
