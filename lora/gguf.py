@@ -188,7 +188,7 @@ def write_gguf(
     rope_theta = _rope_theta(config)
     n_heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
-    state = {k: v for k, v in model.state_dict().items()}
+    state = model.state_dict()
     tied = bool(getattr(config, "tie_word_embeddings", False)) or "lm_head.weight" not in state
     vocab_rows = state["model.embed_tokens.weight"].shape[0]
     vocab = tokenizer_metadata(tokenizer, vocab_rows)
