@@ -293,7 +293,7 @@ def export_gguf(
     from .inject import remove_lora
     from .model import load_model, load_tokenizer
     from .prompt import PromptFormat, stop_token_ids
-    from .serving import chat_template, end_token_id, modelfile
+    from .serving import chat_template, end_token_id, modelfile, usable_format
 
     import_gguf()
     if gguf_type not in GGUF_TYPES:
@@ -311,7 +311,7 @@ def export_gguf(
     check_architecture(model_type)
     pre_tokenizer_name(tokenizer)
     extra = read_adapter_extra(adapter_dir)
-    fmt = PromptFormat.from_dict(extra.get("prompt_format"))
+    fmt = usable_format(tokenizer, PromptFormat.from_dict(extra.get("prompt_format")))
     model = load_model(base, torch.float32, "cpu", trust_remote_code)
     load_adapter(model, adapter_dir, dropout=0.0)
     remove_lora(model)  # merged in fp32; the GGUF type is applied per tensor when writing

@@ -117,10 +117,9 @@ def prompt_pieces(tokenizer, fmt: PromptFormat) -> PromptPieces:
     )
     head_no_system = prompt_text(_sample([(u1, "")], ""), probe, tokenizer).split(u1)[0]
     head_before, _, head_tail = head_sys.partition(_SYSTEM)
-    # Between an answer and the next user message: answer_after + user_before. The user part
-    # is what also ends both heads (with and without system); the rest closes the answer.
-    # An answer ends with the end-of-turn token it was trained to write; the rest belongs to the
-    # next user message.
+    # Between an answer and the next user message lies answer_after + user_before. The answer
+    # keeps the end-of-turn token it was trained to write; user_before is the longest text that
+    # also ends both heads (with and without a system prompt).
     end = end_of_turn_text(tokenizer, fmt)
     closing = len(end) if answer_to_user.startswith(end) else 0
     user_before = _common_suffix(answer_to_user[closing:], head_tail, head_no_system)
@@ -157,6 +156,14 @@ def _check_pieces(pieces: PromptPieces, tokenizer, fmt: PromptFormat) -> None:
             )
 
 
+def usable_format(tokenizer, fmt: PromptFormat) -> PromptFormat:
+    """`fmt`, but `plain` when it asks for a chat template the tokenizer does not have (an
+    adapter trained elsewhere records no format; inference makes the same choice)."""
+    if fmt.template == "chat" and not getattr(tokenizer, "chat_template", None):
+        return PromptFormat("plain", fmt.system, fmt.enable_thinking)
+    return fmt
+
+
 def _jinja_string(text: str) -> str:
     # A JSON string is a valid Jinja string literal (same escapes for quotes, \n, \\).
     return json.dumps(text, ensure_ascii=False)
@@ -169,6 +176,7 @@ def chat_template(tokenizer, fmt: PromptFormat) -> str:
     `prompt_text` for the same conversation: the trained system prompt unless the messages
     bring their own, Qwen3's thinking as trained unless `enable_thinking` is passed.
     """
+    fmt = usable_format(tokenizer, fmt)
     system = _jinja_string(fmt.system or "")
     if fmt.template == "chat":
         original = tokenizer.chat_template
@@ -244,6 +252,7 @@ def modelfile(gguf_name: str, tokenizer, fmt: PromptFormat, stop_ids: list[int])
     FROM the GGUF, TEMPLATE as trained, the trained SYSTEM prompt, and one `PARAMETER stop` per
     stop token (Ollama stops on the text of these tokens).
     """
+    fmt = usable_format(tokenizer, fmt)
     pieces = prompt_pieces(tokenizer, fmt)
     template = ollama_template(pieces)
     if '"""' in template:

@@ -589,3 +589,16 @@ def test_q8_0_is_quantized_by_the_gguf_package(parity, gguf_files):
     assert stored.data.nbytes == weight.numel() // 32 * 34
     expected = gguf.quants.quantize(weight.detach().numpy(), gguf.GGMLQuantizationType.Q8_0)
     assert np.array_equal(np.asarray(stored.data).reshape(-1), expected.reshape(-1))
+
+
+def test_a_tokenizer_without_chat_template_exports_the_plain_prompt(tiny_models):
+    """Adapters trained elsewhere record no format; like inference, export then uses plain."""
+    tok = AutoTokenizer.from_pretrained(str(tiny_models["qwen2"]))
+    tok.chat_template = None
+    template = chat_template(tok, PromptFormat("chat"))
+    tok.chat_template = template
+    sample = Sample((Turn("问题", ""),))
+    got = tok.apply_chat_template(
+        as_messages([("问题", "")]), tokenize=False, add_generation_prompt=True
+    )
+    assert got == "Instruction: 问题\nAnswer:\n" == prompt_text(sample, PromptFormat("plain"), tok)
