@@ -153,7 +153,7 @@ def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
     return {"tokens": tokens, "types": types, "merges": merges}
 
 
-def _tensor_type(gguf, name: str, array: np.ndarray, gguf_type: str):
+def _tensor_type(gguf, array: np.ndarray, gguf_type: str):
     """The GGML type a tensor is stored in: 1-D ones always f32; q8_0 needs rows % 32 == 0."""
     Q = gguf.GGMLQuantizationType
     if array.ndim == 1 or gguf_type == "f32":
@@ -193,7 +193,7 @@ def write_gguf(
     vocab_rows = state["model.embed_tokens.weight"].shape[0]
     vocab = tokenizer_metadata(tokenizer, vocab_rows)
 
-    tmp = None
+    tmp = w = None
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
@@ -241,7 +241,7 @@ def write_gguf(
             if gguf_base is None:
                 raise UserError(f"no GGUF name for tensor {hf_name} of a {arch_name} model")
             array = tensor.detach().to(torch.float32).cpu().numpy()
-            qtype = _tensor_type(gguf, hf_name, array, gguf_type)
+            qtype = _tensor_type(gguf, array, gguf_type)
             data = gguf.quants.quantize(array, qtype)
             w.add_tensor(f"{gguf_base}.{suffix}", data, raw_dtype=qtype)
         w.write_header_to_file()
@@ -253,6 +253,8 @@ def write_gguf(
     except OSError as e:
         raise UserError(f"could not write {path}: {e.strerror or e}") from None
     finally:
+        if w is not None:
+            w.close()
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
     log(

@@ -366,9 +366,10 @@ def ollama_render(modelfile_text: str, messages: list[dict]) -> str:
     """What Ollama sends the model: .System is the request's system message, else SYSTEM."""
     template = re.search(r'TEMPLATE """(.*?)"""', modelfile_text, re.S)[1]
     default = re.search(r'SYSTEM """(.*?)"""', modelfile_text, re.S)
-    system = next((m["content"] for m in messages if m["role"] == "system"), None)
-    if system is None:
-        system = default[1] if default else ""
+    # Ollama joins every system message of the request into .System; the Modelfile's SYSTEM
+    # is used only when there is none.
+    systems = [m["content"] for m in messages if m["role"] == "system"]
+    system = "\n\n".join(systems) if systems else (default[1] if default else "")
     return render_go(template, system, messages)
 
 
