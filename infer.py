@@ -102,6 +102,10 @@ def run(args) -> int:
     from lora.inject import merge_lora
 
     read_adapter_config(args.adapter)  # a missing or broken adapter is the first thing to report
+    if args.export_gguf:  # refuse a bad output path before writing anything
+        from lora.gguf import check_output_path
+
+        check_output_path(args.export_gguf)
     if args.export:
         path = gen.export_merged(args.adapter, args.export, args.model, args.trust_remote_code)
         print(
@@ -110,10 +114,12 @@ def run(args) -> int:
     if args.export_gguf:
         from lora.gguf import export_gguf
 
-        gguf_path, _ = export_gguf(
+        gguf_path, modelfile_path = export_gguf(
             args.adapter, args.export_gguf, args.gguf_type, args.model, args.trust_remote_code
         )
-        print(f"try it: llama-cli -m {gguf_path} --jinja   or   ollama create mymodel -f Modelfile")
+        print(
+            f"try it: llama-cli -m {gguf_path} --jinja   or   ollama create mymodel -f {modelfile_path}"
+        )
     asks = args.prompt or args.instruction or args.file or args.chat
     if (args.export or args.export_gguf) and not asks:
         return 0

@@ -4,7 +4,7 @@ llama.cpp is not a test dependency (its Python wheel is ~750 MB), so this runs b
 steps and two environments:
 
     # 1. in the project's venv: the reference, from the merged HF checkpoint (`infer.py --export`)
-    python tools/check_gguf.py reference merged/ ref.npz
+    python tools/check_gguf.py reference merged/ ref.npz ["a question the adapter was trained on"]
     # 2. in a venv with llama.cpp's C API:
     #    python3 -m venv /tmp/llamavenv
     #    /tmp/llamavenv/bin/pip install --no-deps llama_cpp_cffi==0.4.17 cffi attrs numpy
@@ -12,7 +12,9 @@ steps and two environments:
 
 Step 2 tokenizes every reference text with llama.cpp (a wrong `tokenizer.ggml.pre` shows up
 here, on digits and code), runs the model on the reference ids, and compares the logits at
-every position with transformers'. It also checks that llama.cpp stops on each stop token.
+every position with transformers'. It also checks that llama.cpp stops on each stop token and,
+given a question, that greedy generation from the exported chat template's prompt gives the
+same tokens as transformers and stops at the same place.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ TEXTS = [
 ]
 
 
-def reference(merged_dir: str, out: str) -> None:
+def reference(merged_dir: str, out: str, question: str = "") -> None:
     import numpy as np
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -44,6 +46,13 @@ def reference(merged_dir: str, out: str) -> None:
         arrays[f"ids{i}"], arrays[f"logits{i}"] = np.array(ids), logits
     eos = model.generation_config.eos_token_id
     arrays["stops"] = np.array(eos if isinstance(eos, list) else [eos])
+    if question:  # the prompt the exported chat template renders, and the greedy answer
+        messages = [{"role": "user", "content": question}]
+        prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        out_ids = model.generate(torch.tensor([ids]), max_new_tokens=60, do_sample=False)
+        arrays["prompt"], arrays["answer"] = np.array(ids), out_ids[0, len(ids) :].numpy()
+        print("transformers answers:", tok.decode(arrays["answer"]))
     np.savez(out, **arrays)
     print(f"reference for {len(TEXTS)} texts written to {out}")
 
@@ -126,9 +135,45 @@ def llama(gguf_path: str, ref: str) -> int:
         print(
             f"stop token {stop}: {'end of generation' if eog else 'NOT an end-of-generation token'}"
         )
+    if "prompt" in data:
+        failures += not _same_greedy_answer(lib, ffi, ctx, vocab, data, n_vocab)
     template = lib.llama_model_chat_template(model, ffi.NULL)
     print("chat template in the file:", "yes" if template != ffi.NULL else "NO")
     return 1 if failures else 0
+
+
+def _same_greedy_answer(lib, ffi, ctx, vocab, data, n_vocab) -> bool:
+    """Greedy decoding in llama.cpp from the reference prompt, until an end-of-generation token."""
+    import numpy as np
+
+    _clear_cache(lib, ctx)
+    prompt, want = data["prompt"].tolist(), data["answer"].tolist()
+    batch = lib.llama_batch_init(len(prompt) + 1, 0, 1)
+    tokens, pos, answer = prompt, 0, []
+    while len(answer) < 60:
+        for i, token in enumerate(tokens):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, pos + i, 1
+            batch.seq_id[i][0], batch.logits[i] = 0, i == len(tokens) - 1
+        batch.n_tokens = len(tokens)
+        if lib.llama_decode(ctx, batch) != 0:
+            break
+        pos += len(tokens)
+        logits = np.frombuffer(
+            ffi.buffer(lib.llama_get_logits_ith(ctx, -1), 4 * n_vocab), np.float32
+        )
+        token = int(logits.argmax())
+        answer.append(token)
+        if lib.llama_vocab_is_eog(vocab, token):
+            break
+        tokens = [token]
+    lib.llama_batch_free(batch)
+    same = answer == want
+    print(
+        f"greedy answer from the chat template's prompt: {'identical' if same else 'DIFFERS'} ({len(answer)} tokens, ends on {answer[-1]})"
+    )
+    if not same:
+        print(f"  transformers {want}\n  llama.cpp    {answer}")
+    return same
 
 
 if __name__ == "__main__":
