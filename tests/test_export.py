@@ -541,6 +541,12 @@ def test_bad_inputs_are_one_clear_line_and_leave_nothing(
             "not 'llama'",
         ),
     ]
+    cases.append(  # checked before --export writes its directory
+        (
+            ["--adapter", str(adapter), "--export", str(out / "merged"), "--export-gguf", str(out)],
+            "is a directory",
+        )
+    )
     readonly = tmp_path / "readonly"
     readonly.mkdir()
     readonly.chmod(0o555)
