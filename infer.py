@@ -1,8 +1,9 @@
 """Ask a trained adapter: `python infer.py --adapter out/ --prompt "..."`.
 
 Modes: one question (--prompt, or --instruction/--input), a file of questions (--file), an
-interactive chat (no question and a terminal, or --chat), before/after (--compare), and
---export DIR to write a merged standalone checkpoint, --export-gguf FILE for llama.cpp/Ollama. A thin CLI over `lora.generate`.
+interactive chat (no question and a terminal, or --chat), before/after (--compare), --export DIR
+to write a merged standalone checkpoint, and --export-gguf FILE for llama.cpp and Ollama (a GGUF
+file and a Modelfile). A thin CLI over `lora.generate`, `lora.gguf` and `lora.serving`.
 """
 
 from __future__ import annotations
