@@ -1,8 +1,9 @@
 """Ask a trained adapter: `python infer.py --adapter out/ --prompt "..."`.
 
 Modes: one question (--prompt, or --instruction/--input), a file of questions (--file), an
-interactive chat (no question and a terminal, or --chat), before/after (--compare), and
---export DIR to write a merged standalone checkpoint. A thin CLI over `lora.generate`.
+interactive chat (no question and a terminal, or --chat), before/after (--compare), --export DIR
+to write a merged standalone checkpoint, and --export-gguf FILE for llama.cpp and Ollama (a GGUF
+file and a Modelfile). A thin CLI over `lora.generate`, `lora.gguf` and `lora.serving`.
 """
 
 from __future__ import annotations
@@ -85,6 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="write a merged standalone HF checkpoint to DIR",
     )
+    m.add_argument(
+        "--export-gguf",
+        default=None,
+        metavar="FILE",
+        help="write base + adapter as one GGUF file for llama.cpp, with an Ollama Modelfile beside it",
+    )
+    m.add_argument(
+        "--gguf-type",
+        default="f16",
+        choices=["f32", "f16", "bf16", "q8_0"],
+        help="weight type of --export-gguf (norms and biases stay f32)",
+    )
     g = p.add_argument_group("generation")
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -149,6 +162,10 @@ def run(args) -> int:
             f"--merge and --quantize {args.quantize} do not combine: the adapter cannot be added "
             "into quantized weights; drop --merge, or drop --quantize to merge into the full base"
         )
+    if args.export_gguf:  # refuse a bad output path before writing anything
+        from lora.gguf import check_output_path
+
+        check_output_path(args.export_gguf)
     if args.export:
         if args.quantize != "none":
             print(
@@ -160,8 +177,18 @@ def run(args) -> int:
         print(
             f"merged model written to {path}: load it with AutoModelForCausalLM.from_pretrained('{path}')"
         )
-        if not (args.prompt or args.instruction or args.file or args.chat):
-            return 0
+    if args.export_gguf:
+        from lora.gguf import export_gguf
+
+        gguf_path, modelfile_path = export_gguf(
+            args.adapter, args.export_gguf, args.gguf_type, args.model, args.trust_remote_code
+        )
+        print(
+            f"try it: llama-cli -m {gguf_path} --jinja   or   ollama create mymodel -f {modelfile_path}"
+        )
+    asks = args.prompt or args.instruction or args.file or args.chat
+    if (args.export or args.export_gguf) and not asks:
+        return 0
 
     question = args.prompt or args.instruction
     interactive = args.chat or (not question and not args.file and sys.stdin.isatty())

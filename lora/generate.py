@@ -22,6 +22,7 @@ from .model import checkpoint_dtype, load_model, load_tokenizer
 from .precision import inference_dtype, pick_device
 from .prompt import PromptFormat, encode_prompt, split_reasoning, stop_token_ids
 from .quantize import quantization_config
+from .serving import carry_prompt
 
 
 @dataclass
@@ -259,8 +260,7 @@ def export_merged(
         )
     fmt = PromptFormat.from_dict(read_adapter_extra(adapter_dir).get("prompt_format"))
     stops = stop_token_ids(tokenizer, fmt, model.generation_config)
-    model.generation_config.eos_token_id = stops
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    carry_prompt(model, tokenizer, fmt, stops)  # chat template and stop tokens as trained
     model.config.use_cache = True
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
