@@ -81,6 +81,11 @@ class TrainConfig:
         "allow model code from the checkpoint (off: only transformers' own code runs)",
         "model and LoRA",
     )
+    lora_plus_ratio: float | None = _opt(
+        None,
+        "LoRA+: B's learning rate is this many times --lr, A's stays --lr (the paper suggests 16); off by default",
+        "model and LoRA",
+    )
     # training
     output: str = _opt("out", "output directory", "training")
     epochs: float = _opt(3.0, "passes over the data", "training")

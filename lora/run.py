@@ -23,6 +23,7 @@ from .checkpoint import resume_checkpoint
 from .config import TrainConfig
 from .distributed import DistInfo, barrier, shard_rows, wrap_for_data_parallel
 from .inject import apply_lora, lora_parameters
+from .lora_plus import check_lora_plus_ratio, optimizer_param_groups
 from .loss import CausalLMLoss
 from .metrics import MetricsLog, startup_summary
 from .model import load_model, load_tokenizer
@@ -100,6 +101,7 @@ def _quiet(*args, **kwargs):
 def setup(cfg: TrainConfig, plan: RunDirPlan, dist: DistInfo, device, precision: str) -> Run:
     """Build the run: data, model with LoRA, optimizer, schedule; resume if asked."""
     log = print if dist.is_main else _quiet
+    check_lora_plus_ratio(cfg.lora_plus_ratio)  # before anything slow loads
     out = Path(cfg.output)
     torch.manual_seed(cfg.seed + dist.rank)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
@@ -107,8 +109,9 @@ def setup(cfg: TrainConfig, plan: RunDirPlan, dist: DistInfo, device, precision:
     train_set, val_set, data_summary = prepare_data(cfg, tokenizer, fmt, log)
     model, report = load_model_with_lora(cfg, device, precision)
     params = lora_parameters(model)
+    groups = optimizer_param_groups(model, cfg.lr, cfg.lora_plus_ratio)  # one, or A and B (LoRA+)
     optimizer = torch.optim.AdamW(
-        params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda"
+        groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda"
     )
     loss = CausalLMLoss(model, cfg.loss_chunk)
     run = Run(
@@ -177,6 +180,7 @@ def run_identity(cfg: TrainConfig, dist: DistInfo, n_rows: int) -> dict:
     """What must not change between a run and its resumption."""
     return {
         "model": cfg.model, "targets": cfg.targets, "rank": cfg.rank, "alpha": cfg.alpha,
-        "rslora": cfg.rslora, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
+        "rslora": cfg.rslora, "lora_plus_ratio": cfg.lora_plus_ratio,
+        "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
         "world_size": dist.world_size, "seed": cfg.seed, "train_rows": n_rows,
     }  # fmt: skip
