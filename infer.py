@@ -1,8 +1,9 @@
 """Ask a trained adapter: `python infer.py --adapter out/ --prompt "..."`.
 
 Modes: one question (--prompt, or --instruction/--input), a file of questions (--file), an
-interactive chat (no question and a terminal, or --chat), before/after (--compare), and
---export DIR to write a merged standalone checkpoint. A thin CLI over `lora.generate`.
+interactive chat (no question and a terminal, or --chat), before/after (--compare),
+--export DIR to write a merged standalone checkpoint, and --inspect to see what training
+changed (`lora/inspect.py`). A thin CLI over `lora.generate`.
 """
 
 from __future__ import annotations
@@ -60,6 +61,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="write a merged standalone HF checkpoint to DIR",
     )
+    m.add_argument(
+        "--inspect",
+        action="store_true",
+        help="what did training change? per-module ‖ΔW‖, spectra, ranks; writes inspect.json/.png",
+    )
+    m.add_argument(
+        "--inspect-layers",
+        default=None,
+        help="with --inspect: layers for the W0-SVD comparisons, 0,12,23 or all (default: first, middle, last)",
+    )
+    m.add_argument(
+        "--no-base",
+        action="store_true",
+        help="with --inspect: read only the adapter file (fast; no ‖W0‖, no amplification)",
+    )
     g = p.add_argument_group("generation")
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -95,6 +111,12 @@ def run(args) -> int:
         print(
             f"merged model written to {path}: load it with AutoModelForCausalLM.from_pretrained('{path}')"
         )
+        if not (args.prompt or args.instruction or args.file or args.chat):
+            return 0
+    if args.inspect:
+        from lora import inspect
+
+        inspect.run(args)
         if not (args.prompt or args.instruction or args.file or args.chat):
             return 0
 
