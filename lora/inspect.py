@@ -212,7 +212,7 @@ def inspect_adapter(adapter_dir, base=None, layers: str | None = None) -> dict:
     ]
     return {
         "adapter": str(adapter_dir),
-        "base_model": config.get("base_model_name_or_path") if base is not None else None,
+        "base_model": getattr(base, "name_or_path", "?") if base is not None else None,
         "r": int(config["r"]),
         "lora_alpha": config.get("lora_alpha"),
         "scaling": config["scaling"],
@@ -240,19 +240,22 @@ def _base_weight(base, name: str):
 
 def group(modules: list[dict], key: str) -> list[dict]:
     """Aggregate by `key`: ‖ΔW‖ = √(Σ‖ΔW_i‖²), relative to √(Σ‖W0_i‖²) when W0 is known."""
-    out = {}
-    for m in modules:
-        g = out.setdefault(m[key], {key: m[key], "modules": 0, "delta_sq": 0.0, "base_sq": 0.0})
-        g["modules"] += 1
-        g["delta_sq"] += m["delta_norm"] ** 2
-        g["base_sq"] += m.get("base_norm", math.nan) ** 2
     rows = []
-    for g in out.values():
-        row = {key: g[key], "modules": g["modules"], "delta_norm": math.sqrt(g.pop("delta_sq"))}
-        if not math.isnan(g["base_sq"]):
-            row["relative"] = row["delta_norm"] / math.sqrt(g["base_sq"])
+    for value in sorted({m[key] for m in modules}, key=_order):
+        members = [m for m in modules if m[key] == value]
+        row = {
+            key: value,
+            "modules": len(members),
+            "delta_norm": _rss(m["delta_norm"] for m in members),
+        }
+        if all("base_norm" in m for m in members):
+            row["relative"] = row["delta_norm"] / _rss(m["base_norm"] for m in members)
         rows.append(row)
-    return sorted(rows, key=lambda row: _order(row[key]))
+    return rows
+
+
+def _rss(values) -> float:
+    return math.sqrt(sum(v * v for v in values))
 
 
 def _order(value) -> tuple:

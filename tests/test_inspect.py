@@ -170,3 +170,17 @@ def test_a_lonely_a_matrix_is_a_clear_error(planted, tmp_path):
     (tmp_path / ADAPTER_CONFIG).write_bytes((adapter / ADAPTER_CONFIG).read_bytes())
     with pytest.raises(UserError, match="no A/B pair"):
         inspect_adapter(tmp_path)
+
+
+def test_groups_add_updates_as_one_vector_root_sum_of_squares():
+    from lora.inspect import group
+
+    modules = [
+        {"layer": 2, "projection": "v_proj", "delta_norm": 3.0, "base_norm": 30.0},
+        {"layer": 2, "projection": "q_proj", "delta_norm": 4.0, "base_norm": 40.0},
+        {"layer": 10, "projection": "q_proj", "delta_norm": 0.0, "base_norm": 1.0},
+    ]
+    by_layer = group(modules, "layer")
+    assert [g["layer"] for g in by_layer] == [2, 10]  # by number, not as text
+    assert by_layer[0] == {"layer": 2, "modules": 2, "delta_norm": 5.0, "relative": 0.1}
+    assert [g["projection"] for g in group(modules, "projection")] == ["q_proj", "v_proj"]
