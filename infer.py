@@ -106,6 +106,8 @@ def run(args) -> int:
     from lora.inject import merge_lora
 
     read_adapter_config(args.adapter)  # a missing or broken adapter is the first thing to report
+    if (args.no_base or args.inspect_layers) and not args.inspect:
+        raise UserError("--no-base and --inspect-layers go with --inspect")
     if args.export:
         path = gen.export_merged(args.adapter, args.export, args.model, args.trust_remote_code)
         print(
