@@ -2,8 +2,9 @@
 
 Modes: one question (--prompt, or --instruction/--input), a file of questions (--file), an
 interactive chat (no question and a terminal, or --chat), before/after (--compare), --export DIR
-to write a merged standalone checkpoint, and --export-gguf FILE for llama.cpp and Ollama (a GGUF
-file and a Modelfile). A thin CLI over `lora.generate`, `lora.gguf` and `lora.serving`.
+to write a merged standalone checkpoint, --export-gguf FILE for llama.cpp and Ollama (a GGUF
+file and a Modelfile), and --inspect to see what training changed. A thin CLI over
+`lora.generate`, `lora.answers`, `lora.score`, `lora.gguf`, `lora.serving` and `lora.inspect`.
 """
 
 from __future__ import annotations
@@ -98,6 +99,21 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["f32", "f16", "bf16", "q8_0"],
         help="weight type of --export-gguf (norms and biases stay f32)",
     )
+    m.add_argument(
+        "--inspect",
+        action="store_true",
+        help="what did training change? per-module ‖ΔW‖, spectra, ranks; writes inspect.json/.png",
+    )
+    m.add_argument(
+        "--inspect-layers",
+        default=None,
+        help="with --inspect: layers for the W0-SVD comparisons, 0,12,23 or all (default: first, middle, last)",
+    )
+    m.add_argument(
+        "--no-base",
+        action="store_true",
+        help="with --inspect: read only the adapter file (fast; no ‖W0‖, no amplification)",
+    )
     g = p.add_argument_group("generation")
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -166,6 +182,8 @@ def run(args) -> int:
         from lora.gguf import check_output_path
 
         check_output_path(args.export_gguf)
+    if (args.no_base or args.inspect_layers) and not args.inspect:
+        raise UserError("--no-base and --inspect-layers go with --inspect")
     if args.export:
         if args.quantize != "none":
             print(
@@ -186,8 +204,12 @@ def run(args) -> int:
         print(
             f"try it: llama-cli -m {gguf_path} --jinja   or   ollama create mymodel -f {modelfile_path}"
         )
+    if args.inspect:
+        from lora import inspect
+
+        inspect.run(args)
     asks = args.prompt or args.instruction or args.file or args.chat
-    if (args.export or args.export_gguf) and not asks:
+    if (args.export or args.export_gguf or args.inspect) and not asks:
         return 0
 
     question = args.prompt or args.instruction

@@ -3,6 +3,7 @@
 Reading order (each file holds one idea):
     layer.py       LoRALinear: h = W0 x + (α/r) · B A x, merge/unmerge
     inject.py      putting LoRALinear into a model, freezing the rest
+    lora_plus.py   LoRA+: B's learning rate λ times A's (two optimizer groups)
     adapter.py     saving/loading adapters in PEFT's safetensors format
     model.py       loading the base model and tokenizer
     quantize.py    QLoRA: the frozen base in 4-bit NF4 or int8 (bitsandbytes, optional)
@@ -24,6 +25,7 @@ Reading order (each file holds one idea):
     metrics.py     metrics.jsonl, the loss plot, the progress bar, the startup summary
     distributed.py torchrun/DDP helpers and stop signals
     generate.py    inference: prompts, stop tokens, export of a merged model
+    inspect.py     what an adapter learned: ‖ΔW‖, spectra and rank of ΔW, amplification
 
 Importing `lora` is cheap: the names below load their module (and torch) on first use.
 """

@@ -102,6 +102,11 @@ class TrainConfig:
         "model and LoRA",
         choices=QUANTIZE_CHOICES,
     )
+    lora_plus_ratio: float | None = _opt(
+        None,
+        "LoRA+: B's learning rate is this many times --lr, A's stays --lr (the paper suggests 16); off by default",
+        "model and LoRA",
+    )
     # training
     output: str = _opt("out", "output directory", "training")
     epochs: float = _opt(3.0, "passes over the data", "training")

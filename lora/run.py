@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import math
-from array import array
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .batching import collate, global_batches
@@ -25,6 +25,7 @@ from .checkpoint import resume_checkpoint
 from .config import TrainConfig
 from .distributed import DistInfo, barrier, shard_rows, wrap_for_data_parallel
 from .inject import apply_lora, lora_parameters
+from .lora_plus import check_lora_plus_ratio, optimizer_param_groups
 from .loss import CausalLMLoss
 from .metrics import MetricsLog, startup_summary
 from .model import load_model, load_tokenizer
@@ -103,6 +104,7 @@ def _quiet(*args, **kwargs):
 def setup(cfg: TrainConfig, plan: RunDirPlan, dist: DistInfo, device, precision: str) -> Run:
     """Build the run: data, model with LoRA, optimizer, schedule; resume if asked."""
     log = print if dist.is_main else _quiet
+    check_lora_plus_ratio(cfg.lora_plus_ratio)  # before anything slow loads
     out = Path(cfg.output)
     torch.manual_seed(cfg.seed + dist.rank)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
@@ -110,8 +112,9 @@ def setup(cfg: TrainConfig, plan: RunDirPlan, dist: DistInfo, device, precision:
     train_set, val_set, data_summary = prepare_data(cfg, tokenizer, fmt, log)
     model, report = load_model_with_lora(cfg, device, precision)
     params = lora_parameters(model)
+    groups = optimizer_param_groups(model, cfg.lr, cfg.lora_plus_ratio)  # one, or A and B (LoRA+)
     optimizer = torch.optim.AdamW(
-        params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda"
+        groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda"
     )
     loss = CausalLMLoss(model, cfg.loss_chunk)
     run = Run(
@@ -197,7 +200,7 @@ def run_identity(run: Run) -> dict:
     names = (
         "model", "targets", "rank", "alpha", "dropout", "rslora", "template", "system",
         "enable_thinking", "max_len", "lr", "warmup", "weight_decay", "max_grad_norm",
-        "batch_size", "grad_accum", "group_by_length", "seed",
+        "batch_size", "grad_accum", "group_by_length", "seed", "quantize", "lora_plus_ratio",
     )  # fmt: skip
     return {name: getattr(cfg, name) for name in names} | {
         "world_size": run.dist.world_size,
@@ -207,10 +210,14 @@ def run_identity(run: Run) -> dict:
 
 
 def data_hash(*row_sets) -> str:
-    """sha256 of every row's token ids and labels, in order."""
+    """sha256 of every row's token ids and labels, in order, and of where each row starts.
+
+    The flat arrays of a `TokenizedSet` are hashed through their buffers, with no copy: a
+    memory-mapped set of millions of rows is read from disk once, never held in memory.
+    """
     h = hashlib.sha256()
     for rows in row_sets:
         h.update(b"|")  # where one set ends: moving a row into --val-size's share changes the hash
-        for e in rows:
-            h.update(array("q", e.input_ids).tobytes() + array("q", e.labels).tobytes())
+        for array in (rows.offsets, rows.input_ids, rows.labels):
+            h.update(np.ascontiguousarray(array).data)
     return h.hexdigest()
