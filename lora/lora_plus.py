@@ -40,13 +40,15 @@ from .inject import lora_layers, lora_parameters
 def optimizer_param_groups(model: nn.Module, lr: float, ratio: float | None = None) -> list[dict]:
     """AdamW parameter groups: one at `lr` (plain LoRA), or A at `lr` and B at `ratio · lr`."""
     check_lora_plus_ratio(ratio)
+    params = lora_parameters(model)
     if ratio is None:
-        return [{"params": lora_parameters(model), "lr": lr}]
-    layers = lora_layers(model).values()
-    return [
-        {"params": [m.lora_A.weight for m in layers], "lr": lr},
-        {"params": [m.lora_B.weight for m in layers], "lr": ratio * lr},
-    ]
+        return [{"params": params, "lr": lr}]
+    # Every trainable parameter lands in one group. As in PEFT, B and any vector (ndim 1, such as
+    # a DoRA magnitude) learn at λη; A, and any other matrix, at η.
+    b_weights = {id(m.lora_B.weight) for m in lora_layers(model).values()}
+    fast = [p for p in params if id(p) in b_weights or p.ndim == 1]
+    slow = [p for p in params if not (id(p) in b_weights or p.ndim == 1)]
+    return [{"params": slow, "lr": lr}, {"params": fast, "lr": ratio * lr}]
 
 
 def check_lora_plus_ratio(ratio) -> None:

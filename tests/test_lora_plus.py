@@ -29,6 +29,7 @@ def test_ratio_puts_every_a_at_lr_and_every_b_at_ratio_times_lr(qwen2_dir):
     assert [g["lr"] for g in groups] == [1e-3, 16e-3]
     assert groups[0]["params"] == [m.lora_A.weight for m in layers]
     assert groups[1]["params"] == [m.lora_B.weight for m in layers]
+    assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(lora_parameters(model))
 
 
 def test_without_ratio_the_optimizer_is_exactly_the_plain_one(qwen2_dir):
