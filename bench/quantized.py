@@ -146,8 +146,9 @@ def base_weights(spec: dict, base: str) -> dict:
             "decoder_linears_MB": sum(weight_bytes(m) for m in linears) / 2**20}  # fmt: skip
 
 
-def run_one(spec: dict, base: str, out: Path) -> dict:
-    """In a fresh process: train on this base, then measure. Returns the result record."""
+def run_one(spec: dict, base: str, out: Path, write) -> None:
+    """In a fresh process: the weights' memory, then train on this base and measure; `write`
+    gets the record after each stage, so a run cut short still reports what it measured."""
     import torch
 
     from lora.adapter import load_adapter
@@ -156,12 +157,13 @@ def run_one(spec: dict, base: str, out: Path) -> dict:
     from lora.trainer import train
 
     torch.set_num_threads(os.cpu_count() or 1)
+    record = {"base": base, **base_weights(spec, base)}  # smaller than training's peak below
+    write(record)
     try:
         result = train(train_config(spec, base, out))
     except UserError as e:
-        return {"base": base, **base_weights(spec, base), "pending": str(e)}
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before anything else loads
-    record = {"base": base, **base_weights(spec, base), "peak_rss_MB": peak}
+        return write(record | {"pending": str(e)})
+    record["peak_rss_MB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     steps = result.history
     record["real_tokens_per_s"] = sum(r["real_tokens"] for r in steps) / sum(
         r["step_time_s"] for r in steps
@@ -170,16 +172,18 @@ def run_one(spec: dict, base: str, out: Path) -> dict:
     tokenizer = load_tokenizer(spec["model"])
     batches = heldout_batches(spec, tokenizer)
     record["heldout_tokens"] = sum(int((b["labels"] != -100).sum()) for b in batches)
+    write(record)
     if base != "nf4":
         model = load_model(spec["model"], torch.float32, "cpu")
         load_adapter(model, out, dropout=0.0)
         record["heldout_loss"], _ = heldout_loss_and_logits(model, batches)
-        return record
+        return write(record)
     from lora.quantize import quantization_config
 
     nf4 = load_model(spec["model"], quantization_config=quantization_config("nf4", torch.float32))
     load_adapter(nf4, out, dropout=0.0)
     record["heldout_loss"], logits_nf4 = heldout_loss_and_logits(nf4, batches)
+    write(record)
     del nf4
     full = load_model(spec["model"], torch.float32, "cpu")
     load_adapter(full, out, dropout=0.0)
@@ -187,7 +191,7 @@ def run_one(spec: dict, base: str, out: Path) -> dict:
     record["logits_rel_diff_nf4_vs_fp32_base"] = float(
         (logits_nf4 - logits_full).norm() / logits_full.norm()
     )
-    return record
+    write(record)
 
 
 def table(results: list[dict]) -> list[str]:
@@ -227,9 +231,10 @@ def main() -> int:
                   f"{r['int8_GB']:.1f} GB | {r['nf4_GB']:.1f} GB |")  # fmt: skip
         return 0
     if args.one:
-        spec = json.loads(Path(args.spec).read_text())
-        record = run_one(spec, args.one, Path(args.result).with_suffix(".out"))
-        Path(args.result).write_text(json.dumps(record))
+        spec, result = json.loads(Path(args.spec).read_text()), Path(args.result)
+        run_one(
+            spec, args.one, result.with_suffix(".out"), lambda r: result.write_text(json.dumps(r))
+        )
         return 0
     results = []
     with tempfile.TemporaryDirectory() as tmp:
