@@ -18,14 +18,20 @@ Reading order (each file holds one idea):
     schedule.py    learning-rate warmup + cosine decay
     precision.py   device and precision: fp32, bf16, fp16 + GradScaler
     config.py      every setting of a run and its default
-    trainer.py     the training loop: accumulation, the optimizer step, the run's shape
+    run.py         the Run: everything a training run holds, built once by setup()
+    trainer.py     the training loop: accumulation, the optimizer step, finishing
     evaluate.py    validation loss, exact across processes; keeping the best adapter
     checkpoint.py  saving/resuming the full training state atomically
     rundir.py      the output directory: fresh, resume or finished; train_args.json
     metrics.py     metrics.jsonl, the loss plot, the progress bar, the startup summary
     distributed.py torchrun/DDP helpers and stop signals
-    generate.py    inference: prompts, stop tokens, export of a merged model
+    generate.py    inference: prompts, stop tokens, merge, export of a merged model
+    answers.py     answering a file of questions: batched, streamed, resumable
+    score.py       did it help? reference likelihood, BLEU/ROUGE, answer health
+    serving.py     the trained prompt for servers: chat template, Ollama Modelfile
+    gguf.py        one GGUF file for llama.cpp / Ollama
     inspect.py     what an adapter learned: ‖ΔW‖, spectra and rank of ΔW, amplification
+    errors.py      UserError: every mistake a user can make ends in one clear line
 
 Importing `lora` is cheap: the names below load their module (and torch) on first use.
 """

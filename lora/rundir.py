@@ -41,7 +41,11 @@ TRAIN_ARGS = "train_args.json"
 METRICS = "metrics.jsonl"
 LOSS_PLOT = "loss_curve.png"
 LOCK_FILE = ".train.lock"
-OUR_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, EXTRA_FILE, TRAIN_ARGS, METRICS, LOSS_PLOT)
+# What --overwrite removes: everything a run (and `infer.py --inspect/--score`) writes here.
+OUR_FILES = (
+    ADAPTER_WEIGHTS, ADAPTER_CONFIG, EXTRA_FILE, TRAIN_ARGS, METRICS, LOSS_PLOT,
+    "inspect.json", "inspect.png", "score.json",
+)  # fmt: skip
 
 
 @contextmanager
