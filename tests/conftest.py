@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -90,3 +91,46 @@ def overfit_rows(n: int = 8) -> list[dict]:
         {"instruction": r["input"], "input": "", "output": r["output"].split("。")[0] + "。"}
         for r in rows
     ]
+
+
+def tiny_config(model_dir, data, out, **overrides):
+    """A TrainConfig for runs on a tiny model: fast, deterministic, every linear layer adapted."""
+    from lora.config import TrainConfig
+
+    base = dict(model=str(model_dir), data=str(data), output=str(out), rank=4, alpha=8,
+                dropout=0.0, batch_size=2, grad_accum=1, lr=1e-2, warmup=0, max_steps=4,
+                progress=False, seed=0, targets="all-linear")  # fmt: skip
+    return TrainConfig(**(base | overrides))
+
+
+def cli_args(**flags) -> list[str]:
+    """Command-line arguments from keywords: `max_steps=4, progress=False` -> --max-steps 4 --no-progress."""
+    args = []
+    for name, value in flags.items():
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            args.append(flag)
+        elif value is False:
+            args.append("--no-" + flag[2:])
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+def assert_same_adapters(dir_a: Path, dir_b: Path, atol: float = 1e-6) -> None:
+    """The two adapter files hold the same tensors, equal within `atol`."""
+    from safetensors.torch import load_file
+
+    a = load_file(Path(dir_a) / "adapter_model.safetensors")
+    b = load_file(Path(dir_b) / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0)
+
+
+def run_script(script: str, *args, **kw) -> subprocess.CompletedProcess:
+    """Run `train.py` or `infer.py` as a user would, offline; output captured as text."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+    kw = {"timeout": 600} | kw
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)],
+                          capture_output=True, text=True, env=env, cwd=ROOT, **kw)  # fmt: skip

@@ -5,10 +5,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
-from conftest import ROOT, overfit_rows, write_json
+from conftest import ROOT, assert_same_adapters, overfit_rows, write_json
 
 COMMON = [
     "--targets",
@@ -33,13 +31,19 @@ COMMON = [
 ]
 
 
+def torchrun(nproc: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+    ]
+
+
 def run(args, nproc=None):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    launcher = (
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-        if nproc
-        else [sys.executable]
-    )
+    launcher = torchrun(nproc) if nproc else [sys.executable]
     p = subprocess.run(
         launcher + [str(ROOT / "train.py"), *args],
         capture_output=True,
@@ -50,16 +54,6 @@ def run(args, nproc=None):
     )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     return p
-
-
-def assert_same_adapter(a_dir, b_dir, atol):
-    a, b = (
-        load_file(a_dir / "adapter_model.safetensors"),
-        load_file(b_dir / "adapter_model.safetensors"),
-    )
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +72,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(setup):
     assert "2 processes (torchrun)" in ddp.stdout and "effective batch: 8 rows" in ddp.stdout
     assert ddp.stdout.count("adapter saved to") == 1  # only rank 0 saves and logs
     assert "effective batch: 8 rows" in single.stdout
-    assert_same_adapter(tmp / "single", tmp / "ddp", atol=1e-5)
+    assert_same_adapters(tmp / "single", tmp / "ddp", atol=1e-5)
 
 
 def test_resume_under_torchrun_equals_an_uninterrupted_torchrun_run(setup):
@@ -89,7 +83,7 @@ def test_resume_under_torchrun_equals_an_uninterrupted_torchrun_run(setup):
     run(args + ["--output", out, "--batch-size", "2", "--stop-after-steps", "2"], nproc=2)
     assert (tmp / "ddp-resumed" / "checkpoint-2" / "rng_state_rank1.pt").is_file()
     run(args + ["--output", out, "--batch-size", "2", "--resume", "auto"], nproc=2)
-    assert_same_adapter(tmp / "ddp", tmp / "ddp-resumed", atol=1e-6)
+    assert_same_adapters(tmp / "ddp", tmp / "ddp-resumed", atol=1e-6)
 
 
 def test_ctrl_c_under_torchrun_saves_once_and_resumes(setup):
@@ -103,11 +97,7 @@ def test_ctrl_c_under_torchrun_saves_once_and_resumes(setup):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
+            *torchrun(2),
             str(ROOT / "train.py"),
             *long_args,
             "--output",

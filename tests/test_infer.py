@@ -1,15 +1,12 @@
 """infer.py: answers after training, merge, export, compare, file, chat, bad inputs."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, overfit_rows, write_json
-from lora.trainer import TrainConfig, train
+from conftest import overfit_rows, run_script, tiny_config, write_json
+from lora.trainer import train
 
 
 @pytest.fixture(scope="module")
@@ -18,37 +15,14 @@ def trained(tiny_models, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("trained")
     rows = overfit_rows(8)
     data = write_json(tmp / "rows.json", rows)
-    cfg = TrainConfig(
-        model=str(tiny_models["qwen2"]),
-        data=str(data),
-        output=str(tmp / "out"),
-        targets="all-linear",
-        rank=16,
-        alpha=32,
-        dropout=0.0,
-        batch_size=8,
-        grad_accum=1,
-        lr=2e-2,
-        warmup=0,
-        max_steps=80,
-        progress=False,
-        seed=0,
-    )
+    cfg = tiny_config(tiny_models["qwen2"], data, tmp / "out", rank=16, alpha=32, batch_size=8,
+                      lr=2e-2, max_steps=80)  # fmt: skip
     train(cfg)
     return tmp / "out", rows
 
 
 def infer(*args, stdin=None):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
-    return subprocess.run(
-        [sys.executable, str(ROOT / "infer.py"), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        input=stdin,
-        timeout=300,
-    )
+    return run_script("infer.py", *args, input=stdin, timeout=300)
 
 
 def test_prompt_gives_the_training_answer_and_stops(trained):

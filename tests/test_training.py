@@ -11,7 +11,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, overfit_rows, write_json
+from conftest import (
+    ROOT,
+    assert_same_adapters,
+    cli_args,
+    overfit_rows,
+    run_script,
+    tiny_config,
+    write_json,
+)
 from lora.batching import collate
 from lora.data import Sample, Turn
 from lora.errors import UserError
@@ -19,30 +27,13 @@ from lora.inject import apply_lora, lora_layers, lora_parameters
 from lora.loss import CausalLMLoss
 from lora.model import load_model, load_tokenizer
 from lora.prompt import PromptFormat, encode_sample
-from lora.trainer import TrainConfig, backward_window, train
+from lora.trainer import backward_window, train
 
 CPU = torch.device("cpu")
 NO_AUTOCAST = torch.autocast("cpu", enabled=False)
 
 
-def cfg(model_dir, data, out, **kw):
-    base = dict(
-        model=str(model_dir),
-        data=str(data),
-        output=str(out),
-        rank=4,
-        alpha=8,
-        dropout=0.0,
-        batch_size=2,
-        grad_accum=1,
-        lr=1e-2,
-        warmup=0,
-        max_steps=4,
-        progress=False,
-        seed=0,
-        targets="all-linear",
-    )
-    return TrainConfig(**(base | kw))
+cfg = tiny_config  # the tests below read cfg(model, data, out, **overrides)
 
 
 def encoded_rows(model_dir, answers):
@@ -152,11 +143,7 @@ def test_resume_gives_the_same_adapter_as_an_uninterrupted_run(qwen2_dir, tmp_pa
     assert not partial.finished and (tmp_path / "resumed" / "checkpoint-3").is_dir()
     resumed = train(cfg(qwen2_dir, data, tmp_path / "resumed", resume="auto", **common))
     assert resumed.steps == 6
-    a = load_file(tmp_path / "straight" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "resumed" / "adapter_model.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    assert_same_adapters(tmp_path / "straight", tmp_path / "resumed", atol=1e-6)
     # The metrics file continues instead of restarting.
     steps = [
         json.loads(line)["step"]
@@ -210,43 +197,15 @@ def test_nan_loss_skips_the_update_and_repeated_nans_stop_with_advice(
 
 
 def run_cli(*args, **kw):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
-    return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        **kw,
-    )
+    return run_script("train.py", *args, **kw)
 
 
 def test_cli_run_leaves_every_file(qwen2_dir, tmp_path):
     data = write_json(tmp_path / "rows.json", overfit_rows(16))
     out = tmp_path / "out"
-    p = run_cli(
-        "--model",
-        str(qwen2_dir),
-        "--data",
-        str(data),
-        "--output",
-        str(out),
-        "--max-steps",
-        "4",
-        "--batch-size",
-        "2",
-        "--grad-accum",
-        "2",
-        "--val-size",
-        "0.25",
-        "--eval-every",
-        "2",
-        "--save-every",
-        "2",
-        "--keep-last",
-        "1",
-        "--no-progress",
-    )
+    p = run_cli(*cli_args(model=qwen2_dir, data=data, output=out, max_steps=4, batch_size=2,
+                          grad_accum=2, val_size=0.25, eval_every=2, save_every=2, keep_last=1,
+                          progress=False))  # fmt: skip
     assert p.returncode == 0, p.stderr
     for name in [
         "adapter_model.safetensors",
@@ -284,17 +243,14 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(qwen2_dir, tmp_path):
         [
             sys.executable,
             str(ROOT / "train.py"),
-            "--model",
-            str(qwen2_dir),
-            "--data",
-            str(data),
-            "--output",
-            str(out),
-            "--max-steps",
-            "100000",
-            "--batch-size",
-            "2",
-            "--no-progress",
+            *cli_args(
+                model=qwen2_dir,
+                data=data,
+                output=out,
+                max_steps=100000,
+                batch_size=2,
+                progress=False,
+            ),
         ],
         cwd=ROOT,
         env=env,
