@@ -108,17 +108,26 @@ def plot_loss(history: list, path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def progress_bar(enabled: bool, total: int, initial: int):
-    if not enabled:
-        return None
-    return tqdm(
-        total=total,
-        initial=initial,
-        desc="training",
-        unit="step",
-        dynamic_ncols=True,
-        file=sys.stderr,
-    )
+class ProgressBar:
+    """tqdm's bar over optimizer steps on process 0 (nothing elsewhere, or with --no-progress)."""
+
+    def __init__(self, enabled: bool, total: int, initial: int):
+        self.bar = None
+        if enabled:
+            self.bar = tqdm(total=total, initial=initial, desc="training", unit="step",
+                            dynamic_ncols=True, file=sys.stderr)  # fmt: skip
+
+    def step(self, record: dict) -> None:
+        if self.bar is not None:
+            tok_s = f"{record['tokens_per_s']:.0f}"
+            self.bar.set_postfix(
+                loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=tok_s
+            )
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def startup_summary(run, report, total_steps: int) -> list[str]:

@@ -91,3 +91,12 @@ def grad_scaler_for(precision: str, device: torch.device):
     has fp32's range, so it needs none. The scaler works on the device the run uses.
     """
     return torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+
+def out_of_memory_advice(cfg) -> str:
+    """What to change when the GPU runs out of memory, with the values in use."""
+    return (
+        f"out of GPU memory. Try a smaller --batch-size (now {cfg.batch_size}) with a larger "
+        f"--grad-accum (now {cfg.grad_accum}; the effective batch stays the same), "
+        f"--grad-checkpointing, --quantize nf4, or a smaller --max-len (now {cfg.max_len})."
+    )

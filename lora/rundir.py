@@ -35,6 +35,7 @@ import transformers
 
 from . import checkpoint as ckpt
 from .adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXTRA_FILE, atomic_write_bytes
+from .distributed import barrier
 from .errors import UserError
 
 TRAIN_ARGS = "train_args.json"
@@ -205,3 +206,19 @@ def write_train_args(
     }
     text = json.dumps(payload, indent=2, ensure_ascii=False, default=str) + "\n"
     atomic_write_bytes(out / TRAIN_ARGS, text.encode())
+
+
+def prepare_run_dir(out: Path, cfg, dist) -> RunDirPlan:
+    """Tidy a killed run's leftovers (we hold the lock), then decide fresh / resume / finished."""
+    if dist.is_main:
+        removed = remove_leftovers(out)
+        if removed:
+            print(f"removed what an interrupted run left half-written: {', '.join(removed)}")
+    barrier()
+    plan = plan_run_dir(out, cfg)
+    for note in plan.notes if dist.is_main else ():
+        print(note)
+    if plan.finished_steps is not None and dist.is_main:
+        print(f"{out} holds a finished run ({plan.finished_steps} steps); nothing to resume. "
+              f"Use --overwrite to train again.")  # fmt: skip
+    return plan

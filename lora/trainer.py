@@ -42,17 +42,10 @@ from .distributed import (
 from .errors import TrainingInterrupted, UserError
 from .evaluate import evaluate_and_keep_best
 from .loss import count_supervised
-from .metrics import plot_loss, progress_bar
-from .precision import pick_device, resolve_precision
+from .metrics import ProgressBar, plot_loss
+from .precision import out_of_memory_advice, pick_device, resolve_precision
 from .run import Run, setup
-from .rundir import (
-    LOSS_PLOT,
-    RunDirPlan,
-    plan_run_dir,
-    remove_leftovers,
-    run_dir_lock,
-    write_train_args,
-)
+from .rundir import LOSS_PLOT, prepare_run_dir, run_dir_lock, write_train_args
 
 MAX_BAD_STEPS = 3  # non-finite updates in a row that mean the run diverged
 
@@ -96,22 +89,6 @@ def train(cfg: TrainConfig) -> TrainResult:
         shutdown()
 
 
-def prepare_run_dir(out: Path, cfg: TrainConfig, dist) -> RunDirPlan:
-    """Tidy a killed run's leftovers (we hold the lock), then decide fresh / resume / finished."""
-    if dist.is_main:
-        removed = remove_leftovers(out)
-        if removed:
-            print(f"removed what an interrupted run left half-written: {', '.join(removed)}")
-    barrier()
-    plan = plan_run_dir(out, cfg)
-    for note in plan.notes if dist.is_main else ():
-        print(note)
-    if plan.finished_steps is not None and dist.is_main:
-        print(f"{out} holds a finished run ({plan.finished_steps} steps); nothing to resume. "
-              f"Use --overwrite to train again.")  # fmt: skip
-    return plan
-
-
 def train_and_finish(run: Run, stop) -> TrainResult:
     """The loop, then the final evaluation and save, all under the stop flag.
 
@@ -140,23 +117,16 @@ def train_loop(run: Run, stop) -> TrainResult | None:
     """Optimizer steps until the run's last; a TrainResult only when it stops early."""
     cfg, state = run.cfg, run.state
     windows = training_windows(run.epoch_batches, cfg.grad_accum, state.epoch, state.batch_in_epoch)
-    bar = progress_bar(cfg.progress and run.dist.is_main, run.total_steps, state.step)
+    bar = ProgressBar(cfg.progress and run.dist.is_main, run.total_steps, state.step)
     for steps_this_run, (epoch, next_batch, window) in enumerate(windows, start=1):
         if state.step >= run.total_steps:
             break
         t0 = time.perf_counter()
         micro_batches = run.micro_batches(window)
         try:
-            loss_sum, n_tokens = backward_window(
-                run.forward,
-                micro_batches,
-                run.device,
-                run.autocast,
-                run.scaler,
-                run.dist.world_size,
-            )
+            loss_sum, n_tokens = backward_window(run, micro_batches)
         except torch.cuda.OutOfMemoryError:
-            raise UserError(oom_message(cfg)) from None
+            raise UserError(out_of_memory_advice(cfg)) from None
         # One collective for everything the processes must agree on: the window's loss, its
         # real tokens (for tokens/s), and whether any process was asked to stop.
         local_tokens = sum(int(m["attention_mask"].sum()) for m in micro_batches)
@@ -176,13 +146,7 @@ def train_loop(run: Run, stop) -> TrainResult | None:
         if evaluation_due(run):
             record.update(evaluate_and_keep_best(run, run.val_set))
         run.metrics.append(record)
-        if bar:
-            bar.set_postfix(
-                loss=f"{loss:.4f}",
-                lr=f"{record['lr']:.2e}",
-                tok_s=f"{record['tokens_per_s']:.0f}",
-            )
-            bar.update(1)
+        bar.step(record)
 
         interrupted = stop_votes > 0
         stop_now = cfg.stop_after_steps and steps_this_run >= cfg.stop_after_steps
@@ -191,20 +155,18 @@ def train_loop(run: Run, stop) -> TrainResult | None:
             path = save_checkpoint(run)
             if interrupted or stop_now:
                 return stop_early(run, path, bar, interrupted, steps_this_run)
-    if bar:
-        bar.close()
+    bar.close()
     return None
 
 
-def backward_window(
-    forward, micro_batches: list[dict], device, autocast, scaler, world_size: int = 1
-):
+def backward_window(run: Run, micro_batches: list[dict]) -> tuple[float, float]:
     """Accumulate the gradient of one optimizer step over its micro-batches.
 
     The gradient left in `.grad` is that of  Σ token losses / N  over the whole window, N being
     the window's supervised tokens on all processes. N is counted *before* any backward pass, so
     each micro-batch can be divided by it as it goes. Returns (this process's loss sum, N).
     """
+    forward, device, scaler, world_size = run.forward, run.device, run.scaler, run.dist.world_size
     n_window = all_reduce_sum(sum(count_supervised(m["labels"]) for m in micro_batches), device)
     loss_sum_total = torch.zeros((), device=device)  # summed on the device: one host sync per step
     last = len(micro_batches) - 1
@@ -213,7 +175,7 @@ def backward_window(
         # Under DDP, gradients are exchanged only after the window's last micro-batch.
         sync = forward.no_sync() if world_size > 1 and k < last else nullcontext()
         with sync:
-            with autocast:
+            with run.autocast:
                 loss_sum, _ = forward(batch["input_ids"], batch["attention_mask"], batch["labels"])
             # DDP averages gradients over processes; × world_size turns that into a sum.
             scaled = loss_sum * (world_size / n_window)
@@ -300,8 +262,7 @@ def evaluation_due(run: Run) -> bool:
 
 def stop_early(run: Run, path, bar, interrupted: bool, steps_this_run: int) -> TrainResult:
     """After a checkpoint for Ctrl-C/SIGTERM (raises) or --stop-after-steps (returns)."""
-    if bar:
-        bar.close()
+    bar.close()
     reason = (
         "interrupted"
         if interrupted
@@ -332,11 +293,3 @@ def finish(run: Run) -> TrainResult:
     barrier()
     history = run.metrics.history
     return TrainResult(run.out, run.state.step, run.last_loss, val_loss, history)
-
-
-def oom_message(cfg: TrainConfig) -> str:
-    return (
-        f"out of GPU memory. Try a smaller --batch-size (now {cfg.batch_size}) with a larger --grad-accum "
-        f"(now {cfg.grad_accum}; the effective batch stays the same), --grad-checkpointing, or a smaller "
-        f"--max-len (now {cfg.max_len})."
-    )

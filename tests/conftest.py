@@ -134,3 +134,15 @@ def run_script(script: str, *args, **kw) -> subprocess.CompletedProcess:
     kw = {"timeout": 600} | kw
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)],
                           capture_output=True, text=True, env=env, cwd=ROOT, **kw)  # fmt: skip
+
+
+def single_process_run(model, autocast=None, scaler=None):
+    """The few parts of a `Run` that `trainer.backward_window` reads, for a model on the CPU."""
+    from types import SimpleNamespace
+
+    from lora.distributed import DistInfo
+    from lora.loss import CausalLMLoss
+
+    autocast = autocast if autocast is not None else torch.autocast("cpu", enabled=False)
+    return SimpleNamespace(forward=CausalLMLoss(model), device=torch.device("cpu"),
+                           autocast=autocast, scaler=scaler, dist=DistInfo())  # fmt: skip

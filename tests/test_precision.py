@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lora.run
-from conftest import overfit_rows, write_json
+from conftest import overfit_rows, single_process_run, write_json
 from lora.adapter import save_adapter
 from lora.batching import collate
 from lora.data import Sample, Turn
@@ -83,7 +83,7 @@ def unscaled_window_gradient(model, precision, window):
     params = lora_parameters(model)
     optimizer = torch.optim.AdamW(params)
     scaler = grad_scaler_for(precision, CPU)
-    backward_window(CausalLMLoss(model), window, CPU, autocast_for(precision, CPU), scaler)
+    backward_window(single_process_run(model, autocast_for(precision, CPU), scaler), window)
     if scaler:
         scaler.unscale_(optimizer)
     return [p.grad.clone() for p in params]

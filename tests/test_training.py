@@ -17,6 +17,7 @@ from conftest import (
     cli_args,
     overfit_rows,
     run_script,
+    single_process_run,
     tiny_config,
     write_json,
 )
@@ -30,7 +31,6 @@ from lora.prompt import PromptFormat, encode_sample
 from lora.trainer import backward_window, train
 
 CPU = torch.device("cpu")
-NO_AUTOCAST = torch.autocast("cpu", enabled=False)
 
 
 cfg = tiny_config  # the tests below read cfg(model, data, out, **overrides)
@@ -46,7 +46,7 @@ def encoded_rows(model_dir, answers):
 
 def window_grads(model, micro):
     model.zero_grad()
-    backward_window(CausalLMLoss(model), micro, CPU, NO_AUTOCAST, None)
+    backward_window(single_process_run(model), micro)
     return [p.grad.clone() for p in lora_parameters(model)]
 
 
