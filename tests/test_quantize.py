@@ -183,9 +183,9 @@ def test_nf4_trained_adapter_on_the_unquantized_base_gives_close_logits(rich_dir
     def rel(a, b):
         return float((a - b).norm() / b.norm())
 
-    # ‖Δlogits‖/‖logits‖, measured: 0.28 with the adapter, 0.31 between the bare bases (this
-    # tiny model's weights are large, so NF4 rounding shows; on the real 0.5B model see README).
-    # The adapter adds no error of its own: at most 10% more than the bases' own difference.
+    # ‖Δlogits‖/‖logits‖, measured: 0.27 with the adapter, 0.31 between the bare bases, while
+    # the adapter itself moves the logits by 0.75 (this tiny model's weights are large, so NF4
+    # rounding shows). The adapter adds no error of its own: at most 1.1× the bases' difference.
     measured, base_error = rel(tuned_nf4, tuned_full), rel(base_nf4, base_full)
     assert measured <= 1.1 * base_error, (measured, base_error)
     assert rel(tuned_full, base_full) > 2 * measured  # the adapter really changes the model
