@@ -164,26 +164,61 @@ def check_args(args) -> None:
 
 
 def run(args) -> int:
-    import torch
-
-    from lora import generate as gen
+    """Check everything, write what was asked for (exports, inspect), then answer questions."""
     from lora.adapter import read_adapter_config
-    from lora.data import read_dataset
-    from lora.score import metric_libraries
 
     check_args(args)
+    check_combinations(args)
     read_adapter_config(args.adapter)  # a missing or broken adapter is the first thing to report
+    wrote = export_and_inspect(args)
+    question = args.prompt or args.instruction
+    if wrote and not (question or args.file or args.chat):
+        return 0
+    interactive = args.chat or (not question and not args.file and sys.stdin.isatty())
+    if not question and not args.file and not interactive:
+        raise UserError(
+            "nothing to ask: give --prompt, --instruction, --file or --chat (standard input is not a terminal)"
+        )
+    questions = read_questions(args)  # a bad file is reported before the (slow) model load
+    loaded, settings = load(args, questions)
+    if question:
+        ask_one(loaded, settings, args)
+    if args.file:
+        answer_and_score(loaded, questions, settings, args)
+    if interactive:
+        chat(loaded, settings)
+    return 0
+
+
+def check_combinations(args) -> None:
+    """Flags that do not go together, and optional libraries a flag needs, before anything loads."""
     if args.merge and args.quantize != "none":
         raise UserError(
             f"--merge and --quantize {args.quantize} do not combine: the adapter cannot be added "
             "into quantized weights; drop --merge, or drop --quantize to merge into the full base"
         )
+    if args.merge and args.compare:
+        raise UserError("--merge and --compare do not combine: compare needs the adapter separate")
+    if (args.no_base or args.inspect_layers) and not args.inspect:
+        raise UserError("--no-base and --inspect-layers go with --inspect")
+    if args.score:
+        from lora.score import metric_libraries
+
+        if not args.file:
+            raise UserError(
+                "--score needs --file: a file of questions whose answers are the references"
+            )
+        metric_libraries()  # a missing metric library is reported before the model loads
     if args.export_gguf:  # refuse a bad output path before writing anything
         from lora.gguf import check_output_path
 
         check_output_path(args.export_gguf)
-    if (args.no_base or args.inspect_layers) and not args.inspect:
-        raise UserError("--no-base and --inspect-layers go with --inspect")
+
+
+def export_and_inspect(args) -> bool:
+    """--export, --export-gguf, --inspect; True when any of them ran."""
+    from lora import generate as gen
+
     if args.export:
         if args.quantize != "none":
             print(
@@ -208,31 +243,25 @@ def run(args) -> int:
         from lora import inspect
 
         inspect.run(args)
-    asks = args.prompt or args.instruction or args.file or args.chat
-    if (args.export or args.export_gguf or args.inspect) and not asks:
-        return 0
+    return bool(args.export or args.export_gguf or args.inspect)
 
-    question = args.prompt or args.instruction
-    interactive = args.chat or (not question and not args.file and sys.stdin.isatty())
-    if not question and not args.file and not interactive:
-        raise UserError(
-            "nothing to ask: give --prompt, --instruction, --file or --chat (standard input is not a terminal)"
-        )
-    if args.score:
-        if not args.file:
-            raise UserError(
-                "--score needs --file: a file of questions whose answers are the references"
-            )
-        metric_libraries()  # a missing metric library is reported before the model loads
-    if args.merge and args.compare:
-        raise UserError("--merge and --compare do not combine: compare needs the adapter separate")
 
-    # Load and check everything the run needs before the (slow) model load.
-    questions = []
-    if args.file:
-        questions, report = read_dataset(args.file, args.columns, questions=True)
-        for line in report.lines():
-            print(line, file=sys.stderr)
+def read_questions(args) -> list:
+    if not args.file:
+        return []
+    from lora.data import read_dataset
+
+    questions, report = read_dataset(args.file, args.columns, questions=True)
+    for line in report.lines():
+        print(line, file=sys.stderr)
+    return questions
+
+
+def load(args, questions):
+    """Base + adapter as the flags say (merged with --merge); returns (loaded, settings)."""
+    import torch
+
+    from lora import generate as gen
 
     torch.manual_seed(args.seed)
     loaded = gen.load_for_inference(
@@ -256,29 +285,35 @@ def run(args) -> int:
     settings = gen.GenerationSettings(
         args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.repetition_penalty
     )
+    return loaded, settings
 
-    if question:
-        sample = gen.single_turn(question, args.input if args.instruction else "")
-        if args.compare:
-            (r,) = gen.generate_compare(loaded, [sample], settings)
-            print(
-                f"=== base model ===\n{r['base']['answer']}\n=== fine-tuned ===\n{r['tuned']['answer']}"
-            )
-        else:
-            (r,) = gen.generate_batch(loaded, [sample], settings)
-            if args.show_reasoning and r["reasoning"]:
-                print(f"<think>\n{r['reasoning']}\n</think>\n")
-            print(r["answer"])
-            if not r["stopped"]:
-                print(
-                    f"[stopped at --max-new-tokens {args.max_new_tokens} without an end token]",
-                    file=sys.stderr,
-                )
-    if args.file:
-        answer_and_score(loaded, questions, settings, args)
-    if interactive:
-        chat(loaded, settings)
-    return 0
+
+def ask_one(loaded, settings, args) -> None:
+    """--prompt or --instruction/--input: one answer (with --compare, the base model's too)."""
+    from lora import generate as gen
+
+    sample = gen.single_turn(
+        args.prompt or args.instruction, args.input if args.instruction else ""
+    )
+    if args.compare:
+        (r,) = gen.generate_compare(loaded, [sample], settings)
+        print(
+            f"=== base model ===\n{r['base']['answer']}\n=== fine-tuned ===\n{r['tuned']['answer']}"
+        )
+        cut = [
+            name
+            for name, key in (("base", "base"), ("fine-tuned", "tuned"))
+            if not r[key]["stopped"]
+        ]
+    else:
+        (r,) = gen.generate_batch(loaded, [sample], settings)
+        if args.show_reasoning and r["reasoning"]:
+            print(f"<think>\n{r['reasoning']}\n</think>\n")
+        print(r["answer"])
+        cut = [] if r["stopped"] else ["the answer"]
+    for name in cut:
+        print(f"[{name}: stopped at --max-new-tokens {args.max_new_tokens} without an end token]",
+              file=sys.stderr)  # fmt: skip
 
 
 def first_question(args, questions):

@@ -69,7 +69,9 @@ class TrainConfig:
     strict: bool = _opt(False, "stop at the first bad row instead of skipping it", "data")
     dedup: bool = _opt(False, "drop exact duplicate rows (always counted)", "data")
     encoding: str | None = _opt(
-        None, "force the file encoding (default: detect UTF-8 / GB18030)", "data"
+        None,
+        "force the file encoding, e.g. gbk (unset: UTF-8, else GB18030 when the text reads as Chinese)",
+        "data",
     )
     drop_cut_answers: bool = _opt(
         False, "drop rows whose answer --max-len cuts (default: keep the part that fits)", "data"
@@ -121,7 +123,7 @@ class TrainConfig:
     max_grad_norm: float = _opt(1.0, "gradient clipping (0 disables)", "training")
     precision: str = _opt(
         "auto",
-        "auto: bf16 (or fp16) on GPU, fp32 on CPU",
+        "auto: bf16 on GPUs with native bf16, else fp16 + GradScaler; fp32 on CPU (bf16/fp16 also run on CPU: half the memory, slower)",
         "training",
         choices=("auto", "bf16", "fp16", "fp32"),
     )
