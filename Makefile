@@ -12,6 +12,7 @@ TORCH_SPEC ?= torch>=2.4
 
 RUNTIME := $(VENV)/.runtime-installed
 DEV     := $(VENV)/.dev-installed
+EVAL    := $(VENV)/.eval-installed
 DEMO_MODEL := .cache/demo-model
 
 .PHONY: train test lint format demo bench gpu-check clean
@@ -21,6 +22,10 @@ $(RUNTIME): requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -r requirements.txt
+	touch $@
+
+$(EVAL): $(RUNTIME) requirements-eval.txt
+	$(BIN)/python -m pip install -q -r requirements-eval.txt
 	touch $@
 
 $(DEV): $(RUNTIME) requirements-dev.txt requirements-eval.txt
@@ -44,7 +49,7 @@ format: $(DEV)
 	$(BIN)/ruff format .
 
 # The whole pipeline offline on a tiny random model: proves the install, not the answers.
-demo: $(RUNTIME)
+demo: $(EVAL)
 	@echo "== demo: a tiny RANDOM Qwen-architecture model built here; its answers are meaningless."
 	@echo "== 'make train' (or MODEL=/local/qwen make train) does the real job."
 	HF_HUB_OFFLINE=1 $(BIN)/python tools/tiny_qwen.py $(DEMO_MODEL) --data $(DATA)
