@@ -271,8 +271,8 @@ def save(args, results: list[dict]) -> None:
     if nf4 and bf16:
         lines.append(f"NF4 / bf16 weights: {nf4['weights_MB'] / bf16['weights_MB']:.3f} (whole model), "
                      f"{nf4['decoder_linears_MB'] / bf16['decoder_linears_MB']:.3f} (decoder linears)")  # fmt: skip
-    if nf4 and "heldout_loss" in nf4:
-        ref = bf16 if bf16 and "heldout_loss" in bf16 else fp32
+    ref = bf16 if bf16 and "heldout_loss" in bf16 else fp32
+    if nf4 and "heldout_loss" in nf4 and ref and "heldout_loss" in ref:
         lines.append(f"NF4 held-out loss vs {ref['base']}: {nf4['heldout_loss'] / ref['heldout_loss'] - 1:+.2%}; "
                      f"the NF4-trained adapter on the fp32 base: {nf4['heldout_loss_on_fp32_base']:.4f}, "
                      f"‖Δlogits‖/‖logits‖ = {nf4['logits_rel_diff_nf4_vs_fp32_base']:.3f}")  # fmt: skip
