@@ -9,6 +9,8 @@ answer, and generation stops on every end token the model knows (for Qwen: `<|im
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -262,10 +264,29 @@ def export_merged(
     stops = stop_token_ids(tokenizer, fmt, model.generation_config)
     carry_prompt(model, tokenizer, fmt, stops)  # chat template and stop tokens as trained
     model.config.use_cache = True
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+    return save_whole(model, tokenizer, Path(out_dir))
+
+
+def save_whole(model, tokenizer, out_dir: Path) -> Path:
+    """`save_pretrained` into a hidden temporary directory, then move it into place.
+
+    A crash or a full disk mid-write leaves no half-written checkpoint in `out_dir`: a new
+    directory appears whole, by one rename; into an existing one every file is moved by
+    `os.replace`, so each file is the old one or the new one, never a part.
+    """
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if not out_dir.exists():
+            os.rename(tmp, out_dir)
+            return out_dir
+        for f in tmp.iterdir():
+            os.replace(f, out_dir / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

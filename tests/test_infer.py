@@ -165,3 +165,30 @@ def test_adapter_for_another_base_is_refused(trained, tmp_path):
     other = build_tiny_model(tmp_path / "other", "qwen2", ["x y"], hidden_size=96)
     p = infer("--adapter", str(adapter), "--model", str(other), "--prompt", "hi")
     assert p.returncode == 2 and "hidden_size" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_export_that_fails_mid_write_leaves_no_half_written_directory(
+    trained, tmp_path, monkeypatch
+):
+    import errno
+
+    import lora.generate
+    from lora.generate import export_merged
+
+    adapter, _ = trained
+    real_load_tokenizer = lora.generate.load_tokenizer
+
+    def tokenizer_on_a_full_disk(*args, **kwargs):
+        tokenizer = real_load_tokenizer(*args, **kwargs)
+
+        def full_disk(*a, **k):  # the model's weights are written by then; the tokenizer fails
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        tokenizer.save_pretrained = full_disk
+        return tokenizer
+
+    monkeypatch.setattr(lora.generate, "load_tokenizer", tokenizer_on_a_full_disk)
+    target = tmp_path / "exports" / "merged"
+    with pytest.raises(OSError):
+        export_merged(adapter, target, log=lambda *a: None)
+    assert not target.exists() and list((tmp_path / "exports").iterdir()) == []
