@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .errors import UserError
@@ -226,10 +226,6 @@ def read_config_file(path) -> dict:
             f"--config {path}: unknown setting(s) {', '.join(unknown)}; see python train.py --help"
         )
     return values
-
-
-def config_defaults() -> dict:
-    return {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
 
 
 MIN_MAX_LEN = 16  # a chat prompt's scaffolding alone takes a dozen tokens
