@@ -359,3 +359,25 @@ def read_dataset(
             hint = f". Its columns are {', '.join(map(str, records[0][1].keys()))}: map them with --columns prompt=COL,response=COL"
         raise UserError(f"{path}: no usable rows ({reasons}){hint}")
     return samples, report
+
+
+def write_rows(source, rows: list[int], dest, encoding: str | None = None) -> None:
+    """Copy the records numbered `rows` (1-based, as `Sample.row`) of `source` to `dest` as JSONL.
+
+    The records are written as the file holds them (same columns, same schema), so the rows a
+    run held out with `--val-size` can be answered and scored later with `infer.py --file`.
+    """
+    import json
+
+    from .adapter import atomic_write_bytes
+
+    source = Path(source)
+    report = ReadReport(path=str(source))
+    text, _ = decode_bytes(source.read_bytes(), source, encoding)
+    wanted = set(rows)
+    lines = [
+        json.dumps(rec, ensure_ascii=False) + "\n"
+        for rowno, rec in parse_records(text, source, report)
+        if rowno in wanted
+    ]
+    atomic_write_bytes(Path(dest), "".join(lines).encode())

@@ -85,6 +85,7 @@ def _prepare(cfg, tokenizer, fmt, log, started):
         summary["val_file"] = val_report.to_dict()
     elif cfg.val_size:
         samples, val_samples = split_validation(samples, cfg.val_size, cfg.seed)
+        summary["val_rows"] = [s.row for s in val_samples]  # for heldout.jsonl
     adapt_format(fmt, tokenizer, samples, say)
 
     drop_cut = getattr(cfg, "drop_cut_answers", False)

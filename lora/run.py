@@ -23,6 +23,7 @@ import torch
 from .batching import collate, global_batches
 from .checkpoint import resume_checkpoint
 from .config import TrainConfig
+from .data import write_rows
 from .distributed import DistInfo, barrier, shard_rows, wrap_for_data_parallel
 from .inject import apply_lora, lora_parameters
 from .lora_plus import check_lora_plus_ratio, optimizer_param_groups
@@ -33,7 +34,7 @@ from .precision import DTYPES, autocast_for, grad_scaler_for
 from .prepare import prepare_data
 from .prompt import PromptFormat, resolve_template, stop_token_ids
 from .quantize import quantization_config
-from .rundir import METRICS, RunDirPlan, RunRecord, clean_run_dir, write_train_args
+from .rundir import HELDOUT, METRICS, RunDirPlan, RunRecord, clean_run_dir, write_train_args
 from .schedule import warmup_cosine, warmup_steps
 
 
@@ -110,6 +111,7 @@ def setup(cfg: TrainConfig, plan: RunDirPlan, dist: DistInfo, device, precision:
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     fmt = PromptFormat(resolve_template(tokenizer, cfg.template), cfg.system, cfg.enable_thinking)
     train_set, val_set, data_summary = prepare_data(cfg, tokenizer, fmt, log)
+    val_rows = data_summary.pop("val_rows", None)  # too long for train_args.json on big sets
     model, report = load_model_with_lora(cfg, device, precision)
     params = lora_parameters(model)
     groups = optimizer_param_groups(model, cfg.lr, cfg.lora_plus_ratio)  # one, or A and B (LoRA+)
@@ -147,12 +149,23 @@ def setup(cfg: TrainConfig, plan: RunDirPlan, dist: DistInfo, device, precision:
             clean_run_dir(out)
         out.mkdir(parents=True, exist_ok=True)
         write_train_args(out, cfg, run.record, asdict(run.state))
+        if val_rows:
+            write_heldout(cfg, val_rows, out, log)
         if plan.resume_from is not None:
             run.metrics.continue_from(run.state.step, log)
         else:
             run.metrics.start_fresh()
     barrier()
     return run
+
+
+def write_heldout(cfg: TrainConfig, rows: list[int], out: Path, log) -> None:
+    """Keep the rows --val-size held out, so the adapter can be scored on questions it never saw."""
+    write_rows(cfg.data, rows, out / HELDOUT, cfg.encoding)
+    log(
+        f"held-out rows: {out / HELDOUT} ({len(rows)}); after training, score them with "
+        f"infer.py --adapter {out} --file {out / HELDOUT} --score --compare"
+    )
 
 
 def load_model_with_lora(cfg: TrainConfig, device, precision: str):

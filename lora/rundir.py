@@ -41,10 +41,11 @@ from .errors import UserError
 TRAIN_ARGS = "train_args.json"
 METRICS = "metrics.jsonl"
 LOSS_PLOT = "loss_curve.png"
+HELDOUT = "heldout.jsonl"  # the rows --val-size held out, as the data file holds them
 LOCK_FILE = ".train.lock"
 # What --overwrite removes: everything a run (and `infer.py --inspect/--score`) writes here.
 OUR_FILES = (
-    ADAPTER_WEIGHTS, ADAPTER_CONFIG, EXTRA_FILE, TRAIN_ARGS, METRICS, LOSS_PLOT,
+    ADAPTER_WEIGHTS, ADAPTER_CONFIG, EXTRA_FILE, TRAIN_ARGS, METRICS, LOSS_PLOT, HELDOUT,
     "inspect.json", "inspect.png", "score.json",
 )  # fmt: skip
 

@@ -22,11 +22,12 @@ from conftest import (
     write_json,
 )
 from lora.batching import collate
-from lora.data import Sample, Turn
+from lora.data import Sample, Turn, read_dataset
 from lora.errors import UserError
 from lora.inject import apply_lora, lora_layers, lora_parameters
 from lora.loss import CausalLMLoss
 from lora.model import load_model, load_tokenizer
+from lora.prepare import split_validation
 from lora.prompt import PromptFormat, encode_sample
 from lora.trainer import backward_window, train
 
@@ -226,6 +227,12 @@ def test_cli_run_leaves_every_file(qwen2_dir, tmp_path):
     args = json.loads((out / "train_args.json").read_text())
     assert args["finished"] and args["args"]["max_steps"] == 4 and "torch" in args["versions"]
     assert args["data"]["train_file"]["kept"] == 16
+    # the 4 held-out rows are kept as the file holds them, to be scored later with --file
+    rows = json.loads(data.read_text())
+    heldout = [json.loads(line) for line in (out / "heldout.jsonl").read_text().splitlines()]
+    samples, _ = read_dataset(data)
+    _, val = split_validation(samples, 0.25, 42)
+    assert heldout == [rows[s.row - 1] for s in val] and len(heldout) == 4
     for needle in [
         "trainable params",
         "effective batch: 4 rows",
