@@ -1,4 +1,4 @@
-# make train | test | lint | format | demo | bench | gpu-check | clean       (MODEL=, DATA=, ARGS= override)
+# make train | quickstart | test | lint | format | demo | bench | gpu-check | clean       (MODEL=, DATA=, ARGS= override)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -15,7 +15,7 @@ DEV     := $(VENV)/.dev-installed
 EVAL    := $(VENV)/.eval-installed
 DEMO_MODEL := .cache/demo-model
 
-.PHONY: train test lint format demo bench gpu-check clean
+.PHONY: train quickstart test lint format demo bench gpu-check clean
 
 # Setup is idempotent: the stamp files make a second run install nothing.
 $(RUNTIME): requirements.txt
@@ -35,6 +35,17 @@ $(DEV): $(RUNTIME) requirements-dev.txt requirements-eval.txt
 train: $(RUNTIME)
 	$(BIN)/python train.py --model $(MODEL) --data $(DATA) --output $(OUT) $(ARGS)
 	@echo "adapter: $(OUT)/   try it:  $(BIN)/python infer.py --adapter $(OUT) --prompt \"有没有能够滋养肝肾、清热明目的中药。\" --compare"
+
+# The quick-start recipe on a real model (recipes/chinese_med.yaml, ~22 min on 2 CPU cores for
+# 0.5B): train with 8 rows held out, ask the tutorial's question, then score base vs fine-tuned
+# on the held-out rows. A rerun resumes or skips what is done.
+QUICK := $(OUT)/chinese_med
+quickstart: $(EVAL)
+	$(BIN)/python train.py --config recipes/chinese_med.yaml --model $(MODEL) --output $(QUICK) --resume auto $(ARGS)
+	$(BIN)/python infer.py --adapter $(QUICK) --instruction "使用中医知识正确回答适合这个病例的中成药。" \
+		--input "肛门疼痛，痔疮，肛裂。" --compare --max-new-tokens 100
+	$(BIN)/python infer.py --adapter $(QUICK) --file $(QUICK)/heldout.jsonl --score --compare \
+		--max-new-tokens 160 --output $(QUICK)/heldout-answers.jsonl
 
 test: $(DEV)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests

@@ -92,3 +92,12 @@ def test_help_does_not_import_torch():
     code = "import sys, train; train.build_parser().format_help(); print('torch' in sys.modules)"
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert p.stdout.strip() == "False", p.stderr
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_are_valid_configs(recipe):
+    from lora.config import check_config
+
+    cfg = parse_config(["--config", str(recipe)])
+    check_config(cfg)  # raises UserError on any out-of-range value
+    assert (ROOT / cfg.data).is_file()
