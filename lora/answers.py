@@ -91,6 +91,8 @@ def _append(path: Path | None, records: list[dict]) -> None:
 def answer_file(loaded, samples: list[Sample], settings, batch_size: int, output: Path | None = None, compare: bool = False) -> list[dict]:  # fmt: skip
     """Answer every sample (and with `compare` the base model too); returns every record."""
     needed = ("answer", "base_answer") if compare else ("answer",)
+    if output:
+        output.parent.mkdir(parents=True, exist_ok=True)  # before an hour of generation, not after
     done = read_answered(output) if output else {}
     done = {row: r for row, r in done.items() if all(k in r for k in needed)}
     todo = [s for s in samples if s.row not in done]

@@ -115,3 +115,12 @@ def test_score_without_file_is_a_clear_error(trained_with_val):
     p = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--adapter", str(adapter), "--prompt", "x", "--score"],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)  # fmt: skip
     assert p.returncode == 2 and "--score needs --file" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_output_in_a_new_directory_is_created_before_any_answer(trained_with_val, tmp_path):
+    adapter, val, _, _ = trained_with_val
+    samples, _ = read_dataset(val, questions=True)
+    out = tmp_path / "new" / "dir" / "answers.jsonl"
+    answer_file(load_for_inference(adapter), samples[:1], GenerationSettings(max_new_tokens=4),
+                batch_size=1, output=out)  # fmt: skip
+    assert sorted(read_answered(out)) == [samples[0].row]
