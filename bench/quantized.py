@@ -5,7 +5,9 @@
 
 Each base trains in a fresh process (`train.py`'s code path, `lora.trainer.train`) for the same
 optimizer steps on the same rows, seed and hyper-parameters (r=8, α=16, q_proj/v_proj, lr 2e-4,
-batch 2 × accumulation 2, max length 256). Reported per base: the weights' memory (parameters,
+batch 2 × accumulation 2, max length 256). The NF4 base computes in bf16, as QLoRA does
+(`--quantize nf4 --precision bf16`: dequantized blocks, embeddings and lm_head in bf16), so its
+row differs from the bf16 row by the quantization alone. Reported per base: the weights' memory (parameters,
 buffers and quantization constants), peak memory (max RSS on CPU), real tokens/s, and the
 token-averaged loss on the same held-out rows. For NF4 also: the NF4-trained adapter applied to
 the unquantized fp32 base (held-out loss, and ‖Δlogits‖/‖logits‖ against the NF4 base).
@@ -96,7 +98,7 @@ def train_config(spec: dict, base: str, out: Path):
         model=spec["model"], data=spec["train"], output=str(out), targets="q_proj,v_proj",
         rank=8, alpha=16, dropout=0.0, lr=2e-4, warmup=0, batch_size=2, grad_accum=2,
         max_steps=spec["steps"], max_len=256, seed=0, progress=False, device="cpu",
-        precision="bf16" if base == "bf16" else "fp32",
+        precision="fp32" if base == "fp32" else "bf16",
         quantize="nf4" if base == "nf4" else "none",
     )  # fmt: skip
 
