@@ -92,3 +92,17 @@ def test_help_does_not_import_torch():
     code = "import sys, train; train.build_parser().format_help(); print('torch' in sys.modules)"
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert p.stdout.strip() == "False", p.stderr
+
+
+def test_help_explains_several_data_files_trackers_and_early_stopping():
+    import train
+
+    text = " ".join(train.build_parser().format_help().split())
+    for needle in [
+        "several: a.json,b.jsonl:0.3 (weight = share of that file's rows per epoch, >1 repeats)",
+        "for one of several files: b.csv:prompt=Q,response=A",
+        "--report-to REPORT_TO also send metrics.jsonl's records and the settings to tensorboard, "
+        "wandb and/or swanlab",
+        "--early-stop EARLY_STOP stop after N validations without a lower validation loss",
+    ]:
+        assert needle in text, needle

@@ -225,7 +225,7 @@ def test_cli_run_leaves_every_file(qwen2_dir, tmp_path):
     assert any("val_loss" in r for r in records)
     args = json.loads((out / "train_args.json").read_text())
     assert args["finished"] and args["args"]["max_steps"] == 4 and "torch" in args["versions"]
-    assert args["data"]["train_file"]["kept"] == 16
+    assert args["data"]["train_files"][0]["kept"] == 16
     for needle in [
         "trainable params",
         "effective batch: 4 rows",
