@@ -6,9 +6,11 @@ MODEL  ?= Qwen/Qwen2.5-0.5B-Instruct
 DATA   ?= data/chinese_med.json
 OUT    ?= out
 ARGS   ?=
-# Which torch to install. Plain `torch` gets PyPI's default build (CUDA on Linux);
-# CI sets TORCH_SPEC=torch==2.13.0 to use the CPU wheel it has locally.
+# Which torch to install. Plain `torch` gets PyPI's default build (CUDA on Linux, ~5.8 GB);
+# CI sets TORCH_SPEC=torch==2.13.0 to use the CPU wheel it has locally. For the CPU wheel from
+# PyTorch's own index: TORCH_INDEX=https://download.pytorch.org/whl/cpu (README: "Which torch").
 TORCH_SPEC ?= torch>=2.4
+TORCH_INDEX ?=
 
 RUNTIME := $(VENV)/.runtime-installed
 DEV     := $(VENV)/.dev-installed
@@ -20,7 +22,7 @@ DEMO_MODEL := .cache/demo-model
 # Setup is idempotent: the stamp files make a second run install nothing.
 $(RUNTIME): requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install -q -r requirements.txt
 	touch $@
 

@@ -376,6 +376,9 @@ def chat(loaded, settings) -> None:
             loaded, [Sample(tuple(history) + (Turn(text, ""),))], settings, streamer=streamer
         )
         history.append(Turn(text, r["answer"], reasoning=r["reasoning"]))
+        if not r["stopped"]:
+            print(f"[the answer: stopped at --max-new-tokens {settings.max_new_tokens} without "
+                  f"an end token]", file=sys.stderr)  # fmt: skip
 
 
 def main(argv=None) -> int:

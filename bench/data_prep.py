@@ -84,7 +84,7 @@ def child_prepare(data: str, columns: str | None, cache_dir: str | None) -> dict
     before, cpu0, t0 = rss_mb(), cpu_seconds(), time.perf_counter()
     train, _, summary = prepare_data(cfg, tok, PromptFormat("chat"), lambda *a: None)
     seconds = time.perf_counter() - t0
-    rows = summary["train_file"]["rows_read"]
+    rows = summary["train_files"][0]["rows_read"]
     return {
         "rows": rows,
         "train_rows": len(train),

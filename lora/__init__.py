@@ -9,6 +9,7 @@ Reading order (each file holds one idea):
     quantize.py    QLoRA: the frozen base in 4-bit NF4 or int8 (bitsandbytes, optional)
     fileformat.py  bytes to records: encodings, JSON/JSONL/CSV containers
     data.py        records to conversations: schemas, bad rows, what was kept
+    mixture.py     several --data files, each epoch's rows drawn by the files' weights
     prompt.py      prompt templates and label masking (what the model learns to say)
     prepare.py     the training set: split, tokenize in batches, summarize
     tokenized.py   the tokenized rows in flat int32 arrays, memory-mapped from disk
@@ -24,6 +25,7 @@ Reading order (each file holds one idea):
     checkpoint.py  saving/resuming the full training state atomically
     rundir.py      the output directory: fresh, resume or finished; train_args.json
     metrics.py     metrics.jsonl, the loss plot, the progress bar, the startup summary
+    tracking.py    --report-to: the same records to TensorBoard, W&B or SwanLab (optional)
     distributed.py torchrun/DDP helpers and stop signals
     generate.py    inference: prompts, stop tokens, merge, export of a merged model
     answers.py     answering a file of questions: batched, streamed, resumable

@@ -168,6 +168,12 @@ def _dropout_p(layer) -> float:
 def read_adapter_config(adapter_dir) -> dict:
     """Parse `adapter_config.json`, with a clear error for a missing dir, file or bad JSON."""
     adapter_dir = Path(adapter_dir)
+    if adapter_dir.is_file():
+        parent = adapter_dir.parent if adapter_dir.name == ADAPTER_WEIGHTS else "out/"
+        raise UserError(
+            f"{adapter_dir} is a file, not an adapter directory: pass the directory that "
+            f"holds {ADAPTER_WEIGHTS} and {ADAPTER_CONFIG} (e.g. --adapter {parent})"
+        )
     if not adapter_dir.is_dir():
         raise UserError(f"adapter directory {adapter_dir} does not exist")
     path = adapter_dir / ADAPTER_CONFIG

@@ -4,7 +4,7 @@ Preparing a million rows takes minutes; a second run on the same data should sta
 in seconds. The cache directory holds one entry per *key*, a hash of everything that shapes
 the prepared rows:
 
-    the bytes of --data and --val-data        (any edit to a file gives a new key)
+    the bytes of every --data file, in order, and of --val-data  (any edit gives a new key)
     the tokenizer (its full definition) and chat template
     the prompt format: template, system prompt, thinking
     --columns, --max-len, --strict, --dedup, --encoding, --val-size, --seed, --drop-cut-answers
@@ -27,9 +27,10 @@ import os
 import shutil
 from pathlib import Path
 
+from .mixture import parse_data
 from .tokenized import TokenizedSet
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: several --data files, rows per file in the summary
 SPLITS = ("train", "val")
 
 
@@ -57,11 +58,16 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256((definition + json.dumps(extra)).encode()).hexdigest()
 
 
+def data_paths(cfg) -> list[str]:
+    """The --data files (their sampling weights do not change the prepared rows: mixture.py)."""
+    return [source.path for source in parse_data(cfg.data)]
+
+
 def cache_key(cfg, tokenizer, fmt) -> str:
     """The hash of every input that shapes the prepared rows (see the module docstring)."""
     parts = {
         "version": FORMAT_VERSION,
-        "data": file_digest(cfg.data),
+        "data": [file_digest(path) for path in data_paths(cfg)],
         "val_data": file_digest(cfg.val_data) if cfg.val_data else None,
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "format": [fmt.template, fmt.system, fmt.enable_thinking],
@@ -81,7 +87,7 @@ def cache_key(cfg, tokenizer, fmt) -> str:
 
 def cache_entry(cfg, tokenizer, fmt) -> Path | None:
     """Where the prepared data of these inputs lives (None when a data file is missing)."""
-    if not all(Path(p).is_file() for p in (cfg.data, cfg.val_data) if p):
+    if not all(Path(p).is_file() for p in [*data_paths(cfg), cfg.val_data] if p):
         return None  # reading the data reports the missing file
     return cache_root(cfg) / cache_key(cfg, tokenizer, fmt)
 

@@ -38,7 +38,8 @@ class TrainConfig:
     # data
     data: str = _opt(
         "data/chinese_med.json",
-        "training file: JSON array, JSONL or CSV (Alpaca, messages, ShareGPT, or --columns)",
+        "training file(s): JSON array, JSONL or CSV (Alpaca, messages, ShareGPT, or --columns); "
+        "several: a.json,b.jsonl:0.3 (weight = share of that file's rows per epoch, >1 repeats)",
         "data",
     )
     val_data: str | None = _opt(None, "validation file (same formats)", "data")
@@ -50,7 +51,8 @@ class TrainConfig:
     )
     columns: str | None = _opt(
         None,
-        "map other columns, e.g. prompt=Question,response=Complex_CoT+Response (fields: prompt, input, response, system)",
+        "map other columns, e.g. prompt=Question,response=Complex_CoT+Response (fields: prompt, input, "
+        "response, system); for one of several files: b.csv:prompt=Q,response=A (';' between files)",
         "data",
     )
     template: str = _opt(
@@ -161,7 +163,19 @@ class TrainConfig:
         "save a checkpoint and stop after N steps of this invocation (time-limited machines)",
         "evaluation and checkpoints",
     )
+    early_stop: int = _opt(
+        0,
+        "stop after N validations without a lower validation loss; the best adapter becomes the "
+        "run's result (needs --val-data or --val-size, and --eval-every; 0: off)",
+        "evaluation and checkpoints",
+    )
     progress: bool = _opt(True, "progress bar", "evaluation and checkpoints")
+    report_to: str = _opt(
+        "none",
+        "also send metrics.jsonl's records and the settings to tensorboard, wandb and/or swanlab "
+        "(comma list; each needs its package)",
+        "evaluation and checkpoints",
+    )
 
 
 def number(text: str) -> float:
@@ -244,6 +258,9 @@ def check_config(cfg: TrainConfig) -> None:
         if getattr(cfg, name) is not None and not _safe(ok, getattr(cfg, name))
     ]
     problems += _val_size_problem(cfg.val_size)
+    problems += _early_stop_problem(cfg)
+    problems += _report_to_problem(cfg.report_to)
+    problems += _data_problem(cfg.data)
     if problems:
         raise UserError("; ".join(problems))
 
@@ -283,6 +300,7 @@ _RULES = [
     ("keep_last", lambda v: _int(v) and v >= 0, "an integer >= 0 (0 keeps all)"),
     ("stop_after_steps", lambda v: _int(v) and v >= 1, "an integer >= 1"),
     ("loss_chunk", lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    ("early_stop", lambda v: _int(v) and v >= 0, "an integer >= 0 (0: off)"),
 ]
 
 
@@ -294,3 +312,34 @@ def _val_size_problem(v) -> list[str]:
     if v == 0 or fraction or count:
         return []
     return [f"--val-size must be 0, a fraction in (0, 1) or a whole count >= 1, got {v!r}"]
+
+
+def _early_stop_problem(cfg) -> list[str]:
+    """--early-stop counts validations, so it needs validation rows and evaluations during the run."""
+    if not (_int(cfg.early_stop) and cfg.early_stop > 0):
+        return []
+    if not (cfg.val_data or cfg.val_size):
+        return ["--early-stop needs validation data: pass --val-data FILE or --val-size 0.1"]
+    if not cfg.eval_every:
+        return ["--early-stop needs validations during the run: pass --eval-every N"]
+    return []
+
+
+def _report_to_problem(spec) -> list[str]:
+    from .tracking import parse_report_to  # imports no tracker, only checks the names
+
+    try:
+        parse_report_to(spec)
+    except UserError as e:
+        return [str(e)]
+    return []
+
+
+def _data_problem(spec) -> list[str]:
+    from .mixture import parse_data  # file names and weights only; nothing is read yet
+
+    try:
+        parse_data(spec)
+    except UserError as e:
+        return [str(e)]
+    return []

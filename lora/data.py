@@ -361,23 +361,21 @@ def read_dataset(
     return samples, report
 
 
-def write_rows(source, rows: list[int], dest, encoding: str | None = None) -> None:
-    """Copy the records numbered `rows` (1-based, as `Sample.row`) of `source` to `dest` as JSONL.
+def write_rows(picks: list[tuple[str, list[int]]], dest, encoding: str | None = None) -> None:
+    """Copy the records numbered `rows` (1-based, as `Sample.row`) of each (file, rows) pick to
+    `dest`, one JSON object per line.
 
-    The records are written as the file holds them (same columns, same schema), so the rows a
+    The records are written as the files hold them (same columns, same schema), so the rows a
     run held out with `--val-size` can be answered and scored later with `infer.py --file`.
     """
     import json
 
     from .adapter import atomic_write_bytes
 
-    source = Path(source)
-    report = ReadReport(path=str(source))
-    text, _ = decode_bytes(source.read_bytes(), source, encoding)
-    wanted = set(rows)
-    lines = [
-        json.dumps(rec, ensure_ascii=False) + "\n"
-        for rowno, rec in parse_records(text, source, report)
-        if rowno in wanted
-    ]
+    lines = []
+    for source, rows in picks:
+        source, wanted = Path(source), set(rows)
+        text, _ = decode_bytes(source.read_bytes(), source, encoding)
+        records = parse_records(text, source, ReadReport(path=str(source)))
+        lines += [json.dumps(r, ensure_ascii=False) + "\n" for n, r in records if n in wanted]
     atomic_write_bytes(Path(dest), "".join(lines).encode())

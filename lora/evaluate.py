@@ -12,9 +12,17 @@ import math
 
 import torch
 
-from .adapter import save_adapter
+from .adapter import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    EXTRA_FILE,
+    atomic_write_bytes,
+    save_adapter,
+)
 from .batching import collate
 from .distributed import all_reduce_sums
+
+BEST_DIR = "best"
 
 
 @torch.no_grad()
@@ -37,15 +45,35 @@ def validation_loss(run, val_set) -> float:
 
 
 def evaluate_and_keep_best(run, val_set) -> dict:
-    """Validate; when the loss is the lowest so far, save the adapter to `best/`."""
+    """Validate; when the loss is the lowest so far, save the adapter to `best/`.
+
+    `state.evals_since_best` counts validations since the last improvement: --early-stop N
+    ends the run when it reaches N.
+    """
     val_loss = validation_loss(run, val_set)
     ppl = math.exp(min(val_loss, 50))
-    best = run.state.best_val_loss
-    improved = best is None or val_loss < best
+    state = run.state
+    improved = state.best_val_loss is None or val_loss < state.best_val_loss
     if improved:
-        run.state.best_val_loss = val_loss
+        state.best_val_loss, state.best_step, state.evals_since_best = val_loss, state.step, 0
         if run.dist.is_main:
-            save_adapter(run.model, run.out / "best", **run.adapter_meta)
+            save_adapter(run.model, run.out / BEST_DIR, **run.adapter_meta)
+    else:
+        state.evals_since_best += 1
     note = " (best so far, saved to best/)" if improved else ""
-    run.log(f"step {run.state.step}: val loss {val_loss:.4f}, perplexity {ppl:.2f}{note}")
+    run.log(f"step {state.step}: val loss {val_loss:.4f}, perplexity {ppl:.2f}{note}")
     return {"val_loss": val_loss, "val_ppl": ppl}
+
+
+def early_stop_due(run) -> bool:
+    """--early-stop N: N validations in a row brought no lower validation loss."""
+    patience = run.cfg.early_stop
+    return bool(patience) and run.state.evals_since_best >= patience
+
+
+def use_best_adapter(run) -> None:
+    """Make `best/` the run's result: its files replace the adapter in the output directory."""
+    best = run.out / BEST_DIR
+    for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, EXTRA_FILE):
+        if (best / name).is_file():
+            atomic_write_bytes(run.out / name, (best / name).read_bytes())

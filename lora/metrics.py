@@ -1,9 +1,14 @@
 """What a run reports: `metrics.jsonl`, the loss plot, the progress bar, the startup summary.
 
-`metrics.jsonl` has one JSON record per optimizer step (step, epoch, loss, lr, grad_norm,
-tokens_per_s, real_tokens, supervised_tokens, step_time_s, and val_loss/val_ppl on steps that
-evaluated). Only process 0 writes it. On resume the records after the checkpoint's step are
-dropped: those steps are trained, and logged, again.
+`metrics.jsonl` has one JSON record per line, of one of two kinds, each always of the same shape:
+
+    {"kind": "train", "step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s",
+     "real_tokens", "supervised_tokens", "step_time_s"}          one per optimizer step
+    {"kind": "eval", "step", "val_loss", "val_ppl"}              one per validation
+
+An evaluation record follows the train record of the step it evaluated. Only process 0 writes
+the file; the same records go to the trackers of --report-to (tracking.py). On resume the
+records after the checkpoint's step are dropped: those steps are trained, and logged, again.
 
 Crash safety: during a run records are appended, so a kill loses at most the line being
 written; a torn last line (a kill or a full disk mid-append) is dropped with a warning when the
@@ -31,42 +36,65 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 
 class MetricsLog:
-    """The run's step records, in memory (`history`) and in `metrics.jsonl` (process 0)."""
+    """The run's records: train steps in `history`, validations in `evals`, both in `metrics.jsonl`.
 
-    def __init__(self, path: Path, writer: bool):
+    `tracker` (tracking.py) receives every record written, so TensorBoard, W&B or SwanLab show
+    exactly what the file holds.
+    """
+
+    def __init__(self, path: Path, writer: bool, tracker=None):
         self.path = Path(path)
         self.writer = writer
+        self.tracker = tracker
         self.history: list[dict] = []
+        self.evals: list[dict] = []
 
     def continue_from(self, step: int, log=print) -> None:
         """Keep the records up to `step` (a resumed run's checkpoint), in memory and on disk."""
-        self.history = [r for r in read_jsonl(self.path, log) if r.get("step", 0) <= step]
+        kept = [r for r in read_jsonl(self.path, log) if r.get("step", 0) <= step]
+        self.history = [r for r in kept if record_kind(r) == "train"]
+        self.evals = [r for r in kept if record_kind(r) == "eval"]
         if self.writer and self.path.exists():
-            text = "".join(json.dumps(r) + "\n" for r in self.history)
+            text = "".join(json.dumps(r) + "\n" for r in kept)
             atomic_write_bytes(self.path, text.encode())
 
     def start_fresh(self) -> None:
-        self.history = []
+        self.history, self.evals = [], []
         if self.writer and self.path.exists():
             self.path.unlink()
 
     def append(self, record: dict) -> None:
+        """One optimizer step's record (kind "train")."""
+        record = {"kind": "train", **record}
         self.history.append(record)
         self._write(record)
 
-    def add_to_last(self, result: dict) -> None:
-        """A result about the last step (the final validation), as its own record."""
-        if self.history:
-            self.history[-1].update(result)
-            self._write({"step": self.history[-1]["step"], **result})
+    def add_eval(self, step: int, result: dict) -> None:
+        """One validation's record (kind "eval"), at the step it evaluated."""
+        record = {"kind": "eval", "step": step, **result}
+        self.evals.append(record)
+        self._write(record)
+
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
+            self.tracker = None
 
     def _write(self, record: dict) -> None:
-        if self.writer:
-            try:
-                with open(self.path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(record) + "\n")
-            except OSError as e:  # disk full: a torn last line at worst, dropped on resume
-                raise with_path(e, self.path) from None
+        if not self.writer:
+            return
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:  # disk full: a torn last line at worst, dropped on resume
+            raise with_path(e, self.path) from None
+        if self.tracker is not None:
+            self.tracker.log(record)
+
+
+def record_kind(record: dict) -> str:
+    """ "train" or "eval"; files written before records had a kind are told apart by their loss."""
+    return record.get("kind") or ("train" if "loss" in record else "eval")
 
 
 def read_jsonl(path: Path, log=print) -> list[dict]:
@@ -89,18 +117,28 @@ def read_jsonl(path: Path, log=print) -> list[dict]:
     return records
 
 
-def plot_loss(history: list, path: Path) -> None:
-    """Train loss per step, validation loss where it was measured (written atomically)."""
-    finite = [r for r in history if "loss" in r and math.isfinite(r["loss"])]
-    val = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in finite], [r["loss"] for r in finite], label="train loss")
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy per supervised token")
-    ax.legend()
-    ax.grid(alpha=0.3)
+def plot_loss(history: list, evals: list, path: Path) -> None:
+    """Three panels over optimizer steps: losses, learning rate, gradient norm (written atomically)."""
+    from matplotlib.ticker import MaxNLocator
+
+    finite = [r for r in history if math.isfinite(r["loss"])]
+    steps = [r["step"] for r in history]
+    fig, (ax_loss, ax_lr, ax_norm) = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
+    ax_loss.plot([r["step"] for r in finite], [r["loss"] for r in finite], label="train loss")
+    if evals:
+        ax_loss.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-",
+                     label="validation loss")  # fmt: skip
+    ax_loss.set_ylabel("cross-entropy\nper supervised token")
+    ax_loss.legend()
+    ax_lr.plot(steps, [r["lr"] for r in history])
+    ax_lr.set_ylabel("learning rate")
+    ax_norm.plot(steps, [r["grad_norm"] for r in history])
+    ax_norm.set_ylabel("gradient norm\n(before clipping)")
+    ax_norm.set_xlabel("optimizer step")
+    ax_norm.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
+    for ax in (ax_loss, ax_lr, ax_norm):
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"training run {path.parent.name}: {len(history)} steps")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)

@@ -1,6 +1,6 @@
 """The training set: read the files, hold out validation rows, tokenize, and say what happened.
 
-    read_dataset (data.py)      file -> conversations, bad rows counted
+    read_dataset (data.py)      each --data file -> conversations, bad rows counted (mixture.py)
     split                       --val-data, or --val-size rows held out by --seed
     encode_all                  conversations -> rows of input_ids + labels, --max-len applied,
                                 in batches of CHUNK rows through the fast tokenizer
@@ -30,6 +30,7 @@ from .cache import cache_entry, load_cached, load_sets, save_cached
 from .data import read_dataset
 from .errors import UserError
 from .fileformat import BadRow
+from .mixture import DataSource, columns_by_file, parse_data
 from .prompt import encode_rows, get_renderer, truncate
 from .tokenized import TokenizedSet
 
@@ -71,33 +72,27 @@ def _prepare(cfg, tokenizer, fmt, log, started):
         lines.append(line)
         log(line)
 
-    samples, report = read_dataset(cfg.data, cfg.columns, cfg.strict, cfg.dedup, cfg.encoding)
-    for line in report.lines():
-        say(line)
-    val_samples = []
-    summary = {"train_file": report.to_dict()}
-    if cfg.val_data:
-        val_samples, val_report = read_dataset(
-            cfg.val_data, cfg.columns, cfg.strict, cfg.dedup, cfg.encoding
-        )
-        for line in val_report.lines():
-            say(line)
-        summary["val_file"] = val_report.to_dict()
-    elif cfg.val_size:
-        samples, val_samples = split_validation(samples, cfg.val_size, cfg.seed)
-        summary["val_rows"] = [s.row for s in val_samples]  # for heldout.jsonl
+    sources = parse_data(cfg.data)
+    groups, val_samples, summary = read_and_split(cfg, sources, say)
+    samples = [s for group in groups for s in group]
     adapt_format(fmt, tokenizer, samples, say)
 
-    drop_cut = getattr(cfg, "drop_cut_answers", False)
-    show = getattr(cfg, "progress", False) and os.environ.get("RANK", "0") == "0"
-    train_set, stats = encode_all(samples, fmt, tokenizer, cfg.max_len, drop_cut, show)
-    val_set, val_stats = encode_all(val_samples, fmt, tokenizer, cfg.max_len, drop_cut, show)
+    settings = dict(fmt=fmt, tokenizer=tokenizer, max_len=cfg.max_len,
+                    drop_cut=getattr(cfg, "drop_cut_answers", False),
+                    progress=getattr(cfg, "progress", False) and os.environ.get("RANK", "0") == "0")  # fmt: skip
+    train_set, stats, per_file = encode_groups(groups, **settings)
+    val_set, val_stats = encode_all(val_samples, **settings)
     if not len(train_set):
         raise UserError(
             f"{cfg.data}: no row has a supervised token left after tokenization (--max-len {cfg.max_len})"
         )
     seconds = time.perf_counter() - started
     summary["train"] = stats
+    summary["train_rows_per_file"] = [part["rows"] for part in per_file]
+    if len(sources) > 1:
+        for source, part in zip(sources, per_file):
+            say(f"tokens {source.path}: {part['rows']} rows, {part['supervised_tokens']:,} "
+                f"supervised of {part['tokens']:,} tokens, length p50 {part['len_p50']}")  # fmt: skip
     if val_samples:
         summary["val"] = val_stats
     rows_in = len(samples) + len(val_samples)
@@ -115,6 +110,42 @@ def _prepare(cfg, tokenizer, fmt, log, started):
     )
     summary["log_lines"] = lines
     return train_set, val_set, summary
+
+
+def read_and_split(cfg, sources, say) -> tuple[list[list], list, dict]:
+    """Each file's samples (training rows), the validation samples, and the files' reports."""
+    groups, reports = read_sources(cfg, sources)
+    for report in reports:
+        for line in report.lines():
+            say(line)
+    summary = {"train_files": [r.to_dict() for r in reports]}
+    val_samples = []
+    if cfg.val_data:
+        # --columns may name the validation file too
+        columns = columns_by_file(cfg.columns, [*sources, DataSource(cfg.val_data)])[-1]
+        val_samples, val_report = read_dataset(
+            cfg.val_data, columns, cfg.strict, cfg.dedup, cfg.encoding
+        )
+        for line in val_report.lines():
+            say(line)
+        summary["val_file"] = val_report.to_dict()
+    elif cfg.val_size:  # held out of all files together, before any weighting (mixture.py)
+        tagged = [(k, s) for k, group in enumerate(groups) for s in group]
+        tagged, val_tagged = split_validation(tagged, cfg.val_size, cfg.seed)
+        groups = [[s for k, s in tagged if k == i] for i in range(len(sources))]
+        val_samples = [s for _, s in val_tagged]
+        summary["val_rows"] = sorted((k, s.row) for k, s in val_tagged)  # for heldout.jsonl
+    return groups, val_samples, summary
+
+
+def read_sources(cfg, sources) -> tuple[list[list], list]:
+    """Each --data file read on its own (format, encoding, schema, its own --columns)."""
+    groups, reports = [], []
+    for source, columns in zip(sources, columns_by_file(cfg.columns, sources)):
+        samples, report = read_dataset(source.path, columns, cfg.strict, cfg.dedup, cfg.encoding)
+        groups.append(samples)
+        reports.append(report)
+    return groups, reports
 
 
 def adapt_format(fmt, tokenizer, samples, log) -> None:
@@ -160,7 +191,26 @@ def split_validation(samples: list, val_size: float, seed: int) -> tuple[list, l
 
 
 def encode_all(samples, fmt, tokenizer, max_len, drop_cut=False, progress=False):
-    """Tokenize every sample, CHUNK rows per batch call; returns (TokenizedSet, statistics).
+    """Tokenize every sample into one set; returns (TokenizedSet, statistics)."""
+    data, supervised, counts = _encode(samples, fmt, tokenizer, max_len, drop_cut, progress)
+    return data, _stats(data, supervised, counts)
+
+
+def encode_groups(groups, fmt, tokenizer, max_len, drop_cut=False, progress=False):
+    """Tokenize groups of samples (one per --data file) into one set, the groups' rows in order.
+
+    Returns (TokenizedSet, statistics of all rows, [statistics of each group]).
+    """
+    parts = [_encode(g, fmt, tokenizer, max_len, drop_cut, progress) for g in groups]
+    data = TokenizedSet.build([p[0].input_ids for p in parts], [p[0].labels for p in parts],
+                              [p[0].lengths for p in parts])  # fmt: skip
+    supervised = np.concatenate([p[1] for p in parts])
+    counts = sum((p[2] for p in parts), Counter())
+    return data, _stats(data, supervised, counts), [_stats(*p) for p in parts]
+
+
+def _encode(samples, fmt, tokenizer, max_len, drop_cut, progress):
+    """Tokenize every sample, CHUNK rows per batch call; returns (TokenizedSet, supervised, counts).
 
     Rendering (Jinja) and labelling are Python, so on a big set the chunks go to worker
     processes, one per core; each worker runs the batch tokenizer on its own chunk.
@@ -183,7 +233,7 @@ def encode_all(samples, fmt, tokenizer, max_len, drop_cut=False, progress=False)
         [c.ids for c in done], [c.labels for c in done], [c.lengths for c in done]
     )
     supervised = np.concatenate([c.supervised for c in done] or [np.zeros(0, np.int64)])
-    return data, _stats(data, supervised, counts)
+    return data, supervised, counts
 
 
 @dataclass

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +24,15 @@ import torch
 from .batching import collate, global_batches
 from .checkpoint import resume_checkpoint
 from .config import TrainConfig
+from .cost import estimate, estimate_lines
 from .data import write_rows
 from .distributed import DistInfo, barrier, shard_rows, wrap_for_data_parallel
+from .errors import UserError
 from .inject import apply_lora, lora_parameters
 from .lora_plus import check_lora_plus_ratio, optimizer_param_groups
 from .loss import CausalLMLoss
 from .metrics import MetricsLog, startup_summary
+from .mixture import Mixture, parse_data
 from .model import load_model, load_tokenizer
 from .precision import DTYPES, autocast_for, grad_scaler_for
 from .prepare import prepare_data
@@ -36,6 +40,7 @@ from .prompt import PromptFormat, resolve_template, stop_token_ids
 from .quantize import quantization_config
 from .rundir import HELDOUT, METRICS, RunDirPlan, RunRecord, clean_run_dir, write_train_args
 from .schedule import warmup_cosine, warmup_steps
+from .tracking import open_tracker
 
 
 @dataclass
@@ -46,6 +51,8 @@ class RunState:
     epoch: int = 0
     batch_in_epoch: int = 0  # the next batch of `epoch` to train on
     best_val_loss: float | None = None
+    best_step: int | None = None  # the step whose adapter is in best/
+    evals_since_best: int = 0  # validations without a lower loss (--early-stop)
     identity: dict = field(default_factory=dict)  # what a resumed run must share with this one
 
 
@@ -71,22 +78,34 @@ class Run:
     adapter_meta: dict  # what save_adapter records besides the tensors
     record: RunRecord
     metrics: MetricsLog
+    mixture: Mixture  # which rows each epoch takes from each --data file
     scheduler: object = None  # warmup + cosine, once the number of steps is known
     total_steps: int = 0
     state: RunState = field(default_factory=RunState)
     last_loss: float | None = None  # of the last finite step
     bad_steps: int = 0  # non-finite steps in a row
+    started: float = 0.0  # time.perf_counter() when train() began (the summary's wall time)
 
     @property
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
-        """Epoch `epoch`'s global batches, deterministic given (seed, epoch)."""
+        """Epoch `epoch`'s global batches, deterministic given (seed, epoch).
+
+        With weighted --data files the epoch's rows are first drawn (mixture.py); the batches
+        are planned over those rows and map back to indices of the training set.
+        """
         cfg = self.cfg
-        return global_batches(
-            self.lengths, cfg.batch_size, cfg.seed, epoch, cfg.group_by_length, self.dist.world_size
-        )
+        plan = partial(global_batches, batch_size=cfg.batch_size, seed=cfg.seed, epoch=epoch,
+                       group_by_length=cfg.group_by_length, world_size=self.dist.world_size)  # fmt: skip
+        if self.mixture.plain:
+            return plan(self.lengths)
+        rows = self.mixture.epoch_rows(epoch).tolist()
+        return [[rows[j] for j in b] for b in plan([self.lengths[i] for i in rows])]
+
+    def rows_per_epoch(self) -> int:
+        return sum(self.mixture.per_epoch())
 
     def micro_batches(self, window: list[list[int]]) -> list[dict]:
         """This process's share of each global batch of the window, padded into tensors."""
@@ -133,6 +152,7 @@ def setup(cfg: TrainConfig, plan: RunDirPlan, dist: DistInfo, device, precision:
         record=RunRecord(data_summary, report.trainable_params, report.total_params,
                          len(report.adapted_modules)),
         metrics=MetricsLog(out / METRICS, writer=dist.is_main),
+        mixture=build_mixture(cfg, data_summary, log),
     )  # fmt: skip
     run.total_steps = count_total_steps(run)
     warmup = warmup_steps(cfg.warmup, run.total_steps)
@@ -143,6 +163,9 @@ def setup(cfg: TrainConfig, plan: RunDirPlan, dist: DistInfo, device, precision:
         run.state = RunState(**(saved | {"identity": run.state.identity}))
         log(f"resumed from {plan.resume_from} at step {run.state.step}")
     for line in startup_summary(run, report, run.total_steps):
+        log(line)
+    run.record.estimate = estimate(run)
+    for line in estimate_lines(run.record.estimate, cfg):
         log(line)
     if dist.is_main:
         if cfg.overwrite:  # only now: everything is checked, and this is the run's first write
@@ -155,13 +178,18 @@ def setup(cfg: TrainConfig, plan: RunDirPlan, dist: DistInfo, device, precision:
             run.metrics.continue_from(run.state.step, log)
         else:
             run.metrics.start_fresh()
+        run.metrics.tracker = open_tracker(cfg.report_to, out, asdict(cfg), run.state.step)
     barrier()
     return run
 
 
-def write_heldout(cfg: TrainConfig, rows: list[int], out: Path, log) -> None:
-    """Keep the rows --val-size held out, so the adapter can be scored on questions it never saw."""
-    write_rows(cfg.data, rows, out / HELDOUT, cfg.encoding)
+def write_heldout(cfg: TrainConfig, rows: list, out: Path, log) -> None:
+    """Keep the rows --val-size held out, so the adapter can be scored on questions it never saw.
+
+    `rows` are (file index in --data, row number) pairs; every file's rows go into one JSONL."""
+    sources = parse_data(cfg.data)
+    picks = [(src.path, [r for k, r in rows if k == i]) for i, src in enumerate(sources)]
+    write_rows(picks, out / HELDOUT, cfg.encoding)
     log(
         f"held-out rows: {out / HELDOUT} ({len(rows)}); after training, score them with "
         f"infer.py --adapter {out} --file {out / HELDOUT} --score --compare"
@@ -186,11 +214,24 @@ def load_model_with_lora(cfg: TrainConfig, device, precision: str):
     return model, report
 
 
+def build_mixture(cfg: TrainConfig, data_summary: dict, log) -> Mixture:
+    """The --data files' weights over their tokenized rows; one summary line per weighted file."""
+    sources = parse_data(cfg.data)
+    mixture = Mixture(data_summary["train_rows_per_file"], [s.weight for s in sources], cfg.seed)
+    if not mixture.plain:
+        for line in mixture.lines([s.path for s in sources]):
+            log(line)
+    if sum(mixture.per_epoch()) == 0:
+        raise UserError(f"--data {cfg.data}: the weights leave no row to train on")
+    data_summary["rows_per_epoch_per_file"] = mixture.per_epoch()
+    return mixture
+
+
 def count_total_steps(run: Run) -> int:
     """Optimizer steps of the whole run: --max-steps, or --epochs worth of windows."""
     cfg, info = run.cfg, run.dist
     batches = run.epoch_batches(0)
-    dropped = len(run.train_set) - sum(len(b) for b in batches)
+    dropped = run.rows_per_epoch() - sum(len(b) for b in batches)
     if dropped:
         run.record.data["rows_skipped_per_epoch_under_torchrun"] = dropped
         run.log(
@@ -218,6 +259,7 @@ def run_identity(run: Run) -> dict:
     return {name: getattr(cfg, name) for name in names} | {
         "world_size": run.dist.world_size,
         "train_rows": len(run.train_set),
+        "mixture": [run.mixture.counts, run.mixture.weights],  # the rows each epoch draws
         "data_sha256": data_hash(run.train_set, run.val_set),
     }
 

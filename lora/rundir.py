@@ -48,6 +48,7 @@ OUR_FILES = (
     ADAPTER_WEIGHTS, ADAPTER_CONFIG, EXTRA_FILE, TRAIN_ARGS, METRICS, LOSS_PLOT, HELDOUT,
     "inspect.json", "inspect.png", "score.json",
 )  # fmt: skip
+OUR_DIRS = ("best", "tensorboard", "swanlog", "wandb")  # best adapter, --report-to's local logs
 
 
 @contextmanager
@@ -143,7 +144,7 @@ def clean_run_dir(out: Path) -> None:
     if not out.is_dir():
         return
     for p in out.iterdir():
-        if p.name.startswith(("checkpoint-", ".tmp-checkpoint-")) or p.name == "best":
+        if p.name.startswith(("checkpoint-", ".tmp-checkpoint-")) or p.name in OUR_DIRS:
             shutil.rmtree(p, ignore_errors=True)
         elif p.name in OUR_FILES:
             p.unlink()
@@ -187,6 +188,7 @@ class RunRecord:
     trainable_params: int
     total_params: int
     lora_modules: int
+    estimate: dict = field(default_factory=dict)  # cost.py: memory and epochs, before step 1
 
 
 def write_train_args(

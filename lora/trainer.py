@@ -27,10 +27,11 @@ from pathlib import Path
 
 import torch
 
-from .adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_adapter
+from .adapter import save_adapter
 from .batching import training_windows
 from .checkpoint import save_checkpoint
 from .config import TrainConfig, check_config
+from .cost import summary, summary_lines
 from .distributed import (
     all_reduce_sum,
     all_reduce_sums,
@@ -40,12 +41,13 @@ from .distributed import (
     stop_signals,
 )
 from .errors import TrainingInterrupted, UserError
-from .evaluate import evaluate_and_keep_best
+from .evaluate import early_stop_due, evaluate_and_keep_best, use_best_adapter
 from .loss import count_supervised
 from .metrics import ProgressBar, plot_loss
 from .precision import out_of_memory_advice, pick_device, resolve_precision
 from .run import Run, setup
 from .rundir import LOSS_PLOT, prepare_run_dir, run_dir_lock, write_train_args
+from .tracking import check_backends
 
 MAX_BAD_STEPS = 3  # non-finite updates in a row that mean the run diverged
 
@@ -70,7 +72,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     once the data and the model have loaded; and Ctrl-C/SIGTERM are handled until the last
     file is written, so an interrupt leaves a finished run or a checkpoint to resume from.
     """
+    started = time.perf_counter()
     check_config(cfg)
+    check_backends(cfg.report_to)  # a missing tracker package fails before anything loads
     device = pick_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     dist = init_distributed(device.type)
@@ -83,8 +87,12 @@ def train(cfg: TrainConfig) -> TrainResult:
             if plan.finished_steps is not None:
                 return TrainResult(out, plan.finished_steps, None, None)
             run = setup(cfg, plan, dist, device, precision)
-            with stop_signals(escalate=not dist.enabled) as stop:
-                return train_and_finish(run, stop)
+            run.started = started
+            try:
+                with stop_signals(escalate=not dist.enabled) as stop:
+                    return train_and_finish(run, stop)
+            finally:
+                run.metrics.close()
     finally:
         shutdown()
 
@@ -143,10 +151,12 @@ def train_loop(run: Run, stop) -> TrainResult | None:
             "grad_norm": grad_norm, "tokens_per_s": real_tokens / dt, "real_tokens": int(real_tokens),
             "supervised_tokens": int(n_tokens), "step_time_s": dt,
         }  # fmt: skip
-        if evaluation_due(run):
-            record.update(evaluate_and_keep_best(run, run.val_set))
         run.metrics.append(record)
         bar.step(record)
+        if evaluation_due(run):
+            evaluate(run)
+            if early_stop_due(run):
+                break
 
         interrupted = stop_votes > 0
         stop_now = cfg.stop_after_steps and steps_this_run >= cfg.stop_after_steps
@@ -254,6 +264,13 @@ def count_bad_step(run: Run, what: str) -> None:
         )
 
 
+def evaluate(run: Run) -> float:
+    """Validate, keep the best adapter, log an eval record; returns the validation loss."""
+    result = evaluate_and_keep_best(run, run.val_set)
+    run.metrics.add_eval(run.state.step, result)
+    return result["val_loss"]
+
+
 def evaluation_due(run: Run) -> bool:
     """Every --eval-every steps, but not at the last step: `finish` evaluates that one."""
     every, step = run.cfg.eval_every, run.state.step
@@ -277,19 +294,42 @@ def stop_early(run: Run, path, bar, interrupted: bool, steps_this_run: int) -> T
 
 
 def finish(run: Run) -> TrainResult:
-    """Final validation, the adapter, `train_args.json` marked finished, the loss plot."""
+    """Final validation, the adapter, `train_args.json` marked finished, the loss plot.
+
+    With --early-stop the run's result is the best adapter (best/), whether the run stopped
+    early or ran to its end; the final validation is skipped when the last step was validated.
+    """
     val_loss = None
-    if run.val_set:
-        result = evaluate_and_keep_best(run, run.val_set)
-        val_loss = result["val_loss"]
-        run.metrics.add_to_last(result)
+    if run.val_set and not early_stop_due(run):
+        val_loss = evaluate(run)
+    if run.cfg.early_stop and run.state.best_step is not None:
+        val_loss = run.state.best_val_loss
     if run.dist.is_main:
         save_adapter(run.model, run.out, **run.adapter_meta)
-        final = {"train_loss": run.last_loss, "val_loss": val_loss}
+        if run.cfg.early_stop and run.state.best_step is not None:
+            use_best_adapter(run)
+            run.log(early_stop_message(run))
+        plot_loss(run.metrics.history, run.metrics.evals, run.out / LOSS_PLOT)
+        final = summary(run, time.perf_counter() - run.started, val_loss)
         write_train_args(run.out, run.cfg, run.record, asdict(run.state), final)
-        plot_loss(run.metrics.history, run.out / LOSS_PLOT)
-        run.log(f"adapter saved to {run.out}/ ({ADAPTER_WEIGHTS}, {ADAPTER_CONFIG}); "
-                f"try it: python infer.py --adapter {run.out} --prompt \"...\"")  # fmt: skip
+        for line in summary_lines(final):
+            run.log(line)
+        run.log(
+            f'adapter saved to {run.out}/; try it: python infer.py --adapter {run.out} --prompt "..."'
+        )
     barrier()
     history = run.metrics.history
     return TrainResult(run.out, run.state.step, run.last_loss, val_loss, history)
+
+
+def early_stop_message(run: Run) -> str:
+    state, patience = run.state, run.cfg.early_stop
+    how = (
+        f"early stop at step {state.step}: {patience} validations without a lower loss"
+        if early_stop_due(run)
+        else f"ran to step {state.step} (--early-stop {patience} did not trigger)"
+    )
+    return (
+        f"{how}; the run's adapter in {run.out}/ is best/ from step {state.best_step} "
+        f"(val loss {state.best_val_loss:.4f})"
+    )

@@ -101,3 +101,17 @@ def test_shipped_recipes_are_valid_configs(recipe):
     cfg = parse_config(["--config", str(recipe)])
     check_config(cfg)  # raises UserError on any out-of-range value
     assert (ROOT / cfg.data).is_file()
+
+
+def test_help_explains_several_data_files_trackers_and_early_stopping():
+    import train
+
+    text = " ".join(train.build_parser().format_help().split())
+    for needle in [
+        "several: a.json,b.jsonl:0.3 (weight = share of that file's rows per epoch, >1 repeats)",
+        "for one of several files: b.csv:prompt=Q,response=A",
+        "--report-to REPORT_TO also send metrics.jsonl's records and the settings to tensorboard, "
+        "wandb and/or swanlab",
+        "--early-stop EARLY_STOP stop after N validations without a lower validation loss",
+    ]:
+        assert needle in text, needle

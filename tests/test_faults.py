@@ -172,6 +172,35 @@ def test_bad_train_flag_values_stop_before_anything_loads(
 
 
 @pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--report-to", "tensorboard,mlflow"], "--report-to: unknown tracker 'mlflow'"),
+        (["--early-stop", "2"], "--early-stop needs validation data: pass --val-data FILE"),
+        (["--early-stop", "2", "--val-size", "2"], "--early-stop needs validations during the run"),
+        (["--data", "DATA,DATA:0"], "the weight after ':' must be a number > 0"),
+    ],
+)
+def test_reporting_mixing_and_early_stop_mistakes_stop_before_anything_loads(
+    qwen2_dir, data, tmp_path, capsys, extra, message
+):
+    out = tmp_path / "out"
+    argv = [
+        "--model",
+        str(qwen2_dir),
+        "--data",
+        str(data),
+        "--output",
+        str(out),
+        "--max-steps",
+        "1",
+    ]
+    code = train_cli.main([*argv, *(a.replace("DATA", str(data)) for a in extra)])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
     "flag,value",
     [
         ("--batch-size", "0"),

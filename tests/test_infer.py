@@ -134,6 +134,15 @@ def test_chat_through_standard_input_keeps_history_and_reset(trained):
     assert p.returncode == 0, p.stderr
     assert rows[0]["output"] in p.stdout and rows[1]["output"] in p.stdout
     assert "history cleared" in p.stderr
+    assert "stopped at --max-new-tokens" not in p.stderr  # both answers end with an end token
+
+
+def test_chat_flags_an_answer_cut_at_max_new_tokens(trained):
+    adapter, rows = trained
+    p = infer("--adapter", str(adapter), "--chat", "--max-new-tokens", "2",
+              stdin=f"{rows[0]['instruction']}\n/exit\n")  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert "[the answer: stopped at --max-new-tokens 2 without an end token]" in p.stderr
 
 
 @pytest.mark.parametrize(
@@ -141,6 +150,10 @@ def test_chat_through_standard_input_keeps_history_and_reset(trained):
     [
         (lambda a, t: ["--adapter", str(t / "missing")], "does not exist"),
         (lambda a, t: ["--adapter", str(t)], "adapter_config.json is missing"),
+        (
+            lambda a, t: ["--adapter", str(a / "adapter_model.safetensors"), "--prompt", "x"],
+            "adapter_model.safetensors is a file, not an adapter directory",
+        ),
         (lambda a, t: ["--adapter", str(a)], "nothing to ask"),
         (
             lambda a, t: ["--adapter", str(a), "--file", str(write_json(t / "e.json", []))],

@@ -49,7 +49,7 @@ def test_train_one_step_on_each_shared_dataset(qwen2_dir, tmp_path, name):
     )
     assert p.returncode == 0, p.stderr[-2000:]
     summary = json.loads((out / "train_args.json").read_text(encoding="utf-8"))["data"]
-    read = summary["train_file"]
+    read = summary["train_files"][0]
     assert read["kept"] + sum(read["skipped"].values()) == read["rows_read"]
     assert f"rows read {read['rows_read']}, kept {read['kept']}" in p.stdout
     train = summary["train"]

@@ -226,7 +226,7 @@ def test_cli_run_leaves_every_file(qwen2_dir, tmp_path):
     assert any("val_loss" in r for r in records)
     args = json.loads((out / "train_args.json").read_text())
     assert args["finished"] and args["args"]["max_steps"] == 4 and "torch" in args["versions"]
-    assert args["data"]["train_file"]["kept"] == 16
+    assert args["data"]["train_files"][0]["kept"] == 16
     # the 4 held-out rows are kept as the file holds them, to be scored later with --file
     rows = json.loads(data.read_text())
     heldout = [json.loads(line) for line in (out / "heldout.jsonl").read_text().splitlines()]

@@ -1,0 +1,161 @@
+"""What a run costs: a memory estimate before the first step, a summary after the last.
+
+Before training (`estimate`), in bytes:
+
+    weights      the frozen base as loaded (after --quantize: its packed storage)
+    adapters     LoRA parameters × 16: fp32 weight, gradient, and AdamW's two moments
+    activations  what backward keeps for the longest batch (B rows × T tokens; the first batch
+                 is the longest, batching.py), per decoder layer and token about
+                     10·h + 4·i  values   (h hidden size, i MLP width)
+                 the inputs and outputs of the norms, q/k/v and the attention output, and the
+                 MLP's gate, up, activation and product, in the compute dtype; plus one chunk of
+                 fp32 logits (loss.py) and the final hidden state with its gradient.
+                 With --grad-checkpointing only each layer's input (h values per token) is kept,
+                 and one layer's full set while it is recomputed.
+
+It is an estimate (allocator slack, the attention kernel's workspace and the framework's own
+buffers are not in it), printed so a run that cannot fit is seen before it starts.
+
+After training (`summary`): wall time, steps, epochs, tokens seen, mean tokens/s, peak memory
+(max RSS of the process on CPU, `torch.cuda.max_memory_allocated` on GPU), the final losses and
+where each file is. The same numbers go into train_args.json ("estimate" and "final").
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+
+import torch
+
+from .loss import auto_chunk_size
+
+ADAM_BYTES_PER_PARAM = 16  # fp32 weight + fp32 gradient + AdamW's m and v
+
+
+def estimate(run) -> dict:
+    """Memory of weights, adapters + optimizer and activations (with and without checkpointing)."""
+    model, cfg = run.model, run.cfg
+    frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    tokens = cfg.batch_size * max(run.lengths)
+    full, checkpointed = activation_bytes(model.config, tokens, DTYPE_BYTES[run.precision], cfg)
+    steps_per_epoch = math.ceil(len(run.epoch_batches(0)) / cfg.grad_accum)
+    return {
+        "weights_bytes": frozen,
+        "adapters_and_optimizer_bytes": trainable * ADAM_BYTES_PER_PARAM,
+        "longest_batch_tokens": tokens,
+        "activations_bytes": full,
+        "activations_bytes_with_grad_checkpointing": checkpointed,
+        "steps_per_epoch": steps_per_epoch,
+        "epochs": run.total_steps / steps_per_epoch,
+    }
+
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def activation_bytes(config, tokens: int, dtype_bytes: int, cfg) -> tuple[int, int]:
+    """(without, with --grad-checkpointing) bytes that backward keeps for `tokens` tokens."""
+    config = getattr(config, "text_config", config)
+    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    per_layer = tokens * (10 * h + 4 * i) * dtype_bytes
+    chunk = min(tokens, cfg.loss_chunk or auto_chunk_size(config.vocab_size))
+    head = chunk * config.vocab_size * 4 + 2 * tokens * h * 4  # logits chunk, h and ∂loss/∂h
+    return layers * per_layer + head, layers * tokens * h * dtype_bytes + per_layer + head
+
+
+def estimate_lines(est: dict, cfg) -> list[str]:
+    """The estimate as printed before the first step."""
+    now = "on" if cfg.grad_checkpointing else "off"
+    total = est["weights_bytes"] + est["adapters_and_optimizer_bytes"]
+    lines = [
+        f"memory estimate: weights {size(est['weights_bytes'])} + adapters and AdamW "
+        f"{size(est['adapters_and_optimizer_bytes'])} + activations of the longest batch "
+        f"({est['longest_batch_tokens']:,} tokens) {size(est['activations_bytes'])}, "
+        f"{size(est['activations_bytes_with_grad_checkpointing'])} with --grad-checkpointing "
+        f"(now {now}); total ≈ {size(total + chosen_activations(est, cfg))}"
+    ]
+    if cfg.max_steps:
+        lines.append(
+            f"--max-steps {cfg.max_steps} = {est['epochs']:.2f} epochs "
+            f"({est['steps_per_epoch']} optimizer steps per epoch)"
+        )
+    return lines
+
+
+def chosen_activations(est: dict, cfg) -> int:
+    key = (
+        "activations_bytes_with_grad_checkpointing"
+        if cfg.grad_checkpointing
+        else "activations_bytes"
+    )
+    return est[key]
+
+
+def peak_memory(device) -> tuple[int, str]:
+    """(bytes, what was measured): the process's max RSS on CPU, the allocator's peak on GPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss * (1 if sys.platform == "darwin" else 1024), "max RSS"  # Linux reports KiB
+
+
+def summary(run, wall_time: float, val_loss: float | None) -> dict:
+    """The end-of-run numbers; also the "final" record of train_args.json."""
+    history = run.metrics.history
+    tokens = sum(r["real_tokens"] for r in history)
+    step_time = sum(r["step_time_s"] for r in history)
+    peak, measured = peak_memory(run.device)
+    state = run.state
+    batches = len(run.epoch_batches(state.epoch))
+    return {
+        "train_loss": run.last_loss,
+        "val_loss": val_loss,
+        "wall_time_s": round(wall_time, 2),
+        "steps": state.step,
+        "epochs": round(state.epoch + state.batch_in_epoch / max(batches, 1), 4),
+        "tokens_seen": tokens,
+        "mean_tokens_per_s": round(tokens / step_time, 1) if step_time else None,
+        "peak_memory_bytes": peak,
+        "peak_memory_measured": measured,
+        "files": output_files(run),
+    }
+
+
+def output_files(run) -> dict:
+    """Where each file of the run is (only those that exist)."""
+    from .rundir import LOSS_PLOT, METRICS, TRAIN_ARGS
+    from .tracking import TENSORBOARD_DIR
+
+    names = {
+        "adapter": "adapter_model.safetensors", "best_adapter": "best", "metrics": METRICS,
+        "loss_plot": LOSS_PLOT, "train_args": TRAIN_ARGS, "tensorboard": TENSORBOARD_DIR,
+    }  # fmt: skip
+    return {key: str(run.out / name) for key, name in names.items() if (run.out / name).exists()}
+
+
+def summary_lines(s: dict) -> list[str]:
+    """The summary as printed at the end of a run."""
+    val = f", validation loss {s['val_loss']:.4f}" if s["val_loss"] is not None else ""
+    train = f"{s['train_loss']:.4f}" if s["train_loss"] is not None else "n/a"
+    speed = f"{s['mean_tokens_per_s']:,.0f}" if s["mean_tokens_per_s"] else "n/a"
+    return [
+        f"done: {s['steps']} steps ({s['epochs']:.2f} epochs) in {s['wall_time_s']:.1f} s; "
+        f"{s['tokens_seen']:,} tokens seen, {speed} tokens/s; peak memory "
+        f"{size(s['peak_memory_bytes'])} ({s['peak_memory_measured']}); "
+        f"final train loss {train}{val}",
+        *(f"  {key:<12} {path}" for key, path in s["files"].items()),
+    ]
+
+
+def size(n: float) -> str:
+    """Bytes for people: 512 B, 3.2 MB, 1.4 GB."""
+    if n < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KB", "MB"):
+        n /= 1024
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} GB"

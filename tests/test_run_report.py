@@ -1,0 +1,120 @@
+"""What a run reports: a memory estimate before step 1, one record shape per kind in
+metrics.jsonl, a loss plot, and a summary after the last step."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import resource
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import overfit_rows, tiny_config, write_json
+from lora.cost import activation_bytes, peak_memory, size
+from lora.trainer import train
+
+
+@pytest.fixture(scope="module")
+def finished_run(qwen2_dir, tmp_path_factory):
+    """8 rows (2 held out), batch 2: 3 steps per epoch; --max-steps 6 is 2 epochs."""
+    tmp = tmp_path_factory.mktemp("cost")
+    data = write_json(tmp / "rows.json", overfit_rows(8))
+    out = tmp / "out"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        train(tiny_config(qwen2_dir, data, out, max_steps=6, val_size=2))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return out, json.loads((out / "train_args.json").read_text()), records, printed.getvalue()
+
+
+def test_the_end_summary_states_time_steps_epochs_tokens_speed_memory_losses_and_files(
+    finished_run,
+):
+    out, args, records, printed = finished_run
+    final = args["final"]
+    train_records = [r for r in records if r["kind"] == "train"]
+    tokens = sum(r["real_tokens"] for r in train_records)
+    assert final["steps"] == 6 and final["epochs"] == 2.0
+    assert final["tokens_seen"] == tokens
+    seconds = sum(r["step_time_s"] for r in train_records)
+    assert final["mean_tokens_per_s"] == pytest.approx(tokens / seconds, abs=0.1)
+    assert final["wall_time_s"] >= seconds
+    assert final["train_loss"] == train_records[-1]["loss"]
+    assert final["val_loss"] == [r for r in records if r["kind"] == "eval"][-1]["val_loss"]
+    assert final["peak_memory_measured"] == "max RSS" and final["peak_memory_bytes"] > 50e6
+    assert final["files"] == {
+        "adapter": str(out / "adapter_model.safetensors"), "best_adapter": str(out / "best"),
+        "metrics": str(out / "metrics.jsonl"), "loss_plot": str(out / "loss_curve.png"),
+        "train_args": str(out / "train_args.json"),
+    }  # fmt: skip
+    assert "done: 6 steps (2.00 epochs)" in printed and f"{tokens:,} tokens seen" in printed
+    assert f"train_args   {out / 'train_args.json'}" in printed
+
+
+def test_the_start_estimates_memory_and_the_epochs_of_max_steps(finished_run):
+    _, args, _, printed = finished_run
+    est = args["estimate"]
+    assert est["steps_per_epoch"] == 3 and est["epochs"] == 2.0
+    assert 0 < est["activations_bytes_with_grad_checkpointing"] < est["activations_bytes"]
+    assert est["adapters_and_optimizer_bytes"] == 16 * args["trainable_params"]
+    assert est["weights_bytes"] == 4 * (args["total_params"] - args["trainable_params"])  # fp32
+    assert (
+        "memory estimate: weights" in printed and "with --grad-checkpointing (now off)" in printed
+    )
+    assert "--max-steps 6 = 2.00 epochs (3 optimizer steps per epoch)" in printed
+
+
+def test_activation_estimate_counts_each_layers_tensors_and_the_logits_chunk():
+    config = SimpleNamespace(
+        hidden_size=8, intermediate_size=16, num_hidden_layers=3, vocab_size=50
+    )
+    cfg = SimpleNamespace(loss_chunk=4)
+    full, checkpointed = activation_bytes(config, tokens=10, dtype_bytes=2, cfg=cfg)
+    per_layer = 10 * (10 * 8 + 4 * 16) * 2
+    head = 4 * 50 * 4 + 2 * 10 * 8 * 4
+    assert full == 3 * per_layer + head
+    assert checkpointed == 3 * 10 * 8 * 2 + per_layer + head
+
+
+def test_peak_memory_on_cpu_is_the_max_rss():
+    import torch
+
+    measured, what = peak_memory(torch.device("cpu"))
+    assert what == "max RSS"
+    assert measured == resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def test_sizes_read_as_people_write_them():
+    assert [size(n) for n in (512, 3.5 * 2**20, 1.25 * 2**30)] == ["512 B", "3.5 MB", "1.2 GB"]
+
+
+TRAIN_FIELDS = ["kind", "step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "real_tokens",
+                "supervised_tokens", "step_time_s"]  # fmt: skip
+
+
+def test_metrics_jsonl_has_one_record_shape_per_kind(finished_run):
+    _, _, records, _ = finished_run
+    kinds = [r["kind"] for r in records]
+    assert kinds == ["train"] * 6 + ["eval"]  # the final validation follows the last step
+    assert all(list(r) == TRAIN_FIELDS for r in records if r["kind"] == "train")
+    assert list(records[-1]) == ["kind", "step", "val_loss", "val_ppl"] and records[-1]["step"] == 6
+
+
+def test_the_loss_plot_has_a_title_integer_steps_and_lr_and_grad_norm_panels(monkeypatch, tmp_path):
+    import lora.metrics
+
+    figures = []
+    monkeypatch.setattr(lora.metrics.plt, "close", figures.append)
+    history = [{"step": s, "loss": 1 / s, "lr": 0.1, "grad_norm": s} for s in (1, 2, 3)]
+    (tmp_path / "run").mkdir()
+    lora.metrics.plot_loss(history, [{"step": 3, "val_loss": 0.5}], tmp_path / "run" / "p.png")
+    (fig,) = figures
+    loss, lr, norm = fig.axes
+    assert fig._suptitle.get_text() == "training run run: 3 steps"
+    assert [line.get_label() for line in loss.lines] == ["train loss", "validation loss"]
+    assert lr.get_ylabel() == "learning rate" and list(lr.lines[0].get_ydata()) == [0.1] * 3
+    assert norm.get_ylabel().startswith("gradient norm")
+    assert list(norm.lines[0].get_ydata()) == [1, 2, 3]
+    assert all(float(t).is_integer() for t in norm.get_xticks())
