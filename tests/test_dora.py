@@ -290,7 +290,10 @@ def test_inspect_reports_the_low_rank_part_and_the_magnitude_change(rich, tmp_pa
         layer = lora_layers(model)[row["module"]]
         expected = torch.linalg.svdvals(layer.delta_weight().double())[: layer.r]
         torch.testing.assert_close(
-            torch.tensor(row["singular_values"]), expected, atol=1e-6, rtol=1e-5
+            torch.tensor(row["singular_values"], dtype=torch.float64),
+            expected,
+            atol=1e-6,
+            rtol=1e-5,
         )
         assert row["magnitude_change"] == pytest.approx(0.1, abs=1e-6)
     assert "low-rank part s·BA only" in "\n".join(format_report(report))
@@ -349,7 +352,7 @@ def test_train_cli_with_dora_lowers_the_loss_and_saves_a_file_peft_loads(rich, t
     assert json.loads((out / "train_args.json").read_text())["args"]["dora"] is True
     ours = load_model(str(rich["qwen2"]))
     load_adapter(ours, out)
-    moved = [m.lora_magnitude_vector - m.weight_norm() for m in lora_layers(ours).values()]
+    moved = [m.lora_magnitude_vector.detach() - m.weight_norm() for m in lora_layers(ours).values()]
     assert max(float(d.abs().max()) for d in moved) > 1e-3  # m learned, apart from the norm
     theirs = peft.PeftModel.from_pretrained(load_model(str(rich["qwen2"])), str(out))
     x = ids(ours)
