@@ -4,6 +4,7 @@ Reading order (each file holds one idea):
     layer.py       LoRALinear: h = W0 x + (α/r) · B A x, merge/unmerge
     inject.py      putting LoRALinear into a model, freezing the rest
     lora_plus.py   LoRA+: B's learning rate λ times A's (two optimizer groups)
+    dora.py        DoRA: a trainable magnitude per row, W' = m · (W0 + s·BA) / ‖W0 + s·BA‖_c
     adapter.py     saving/loading adapters in PEFT's safetensors format
     model.py       loading the base model and tokenizer
     quantize.py    QLoRA: the frozen base in 4-bit NF4 or int8 (bitsandbytes, optional)

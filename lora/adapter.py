@@ -5,7 +5,8 @@ An adapter directory holds two files:
     adapter_model.safetensors   only the LoRA tensors, e.g.
         base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight   (r, in)
         base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight   (out, r)
-    adapter_config.json         r, lora_alpha, target_modules, ... as PEFT's LoraConfig
+        base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector   (out,)  DoRA only
+    adapter_config.json         r, lora_alpha, target_modules, use_dora, ... as PEFT's LoraConfig
 
 The key is the module's path in the model, prefixed by `base_model.model.` (PEFT wraps the
 model twice: `PeftModel.base_model` is a `LoraModel` whose `.model` is the transformer). PEFT
@@ -36,6 +37,7 @@ from safetensors.torch import save as save_tensors
 from torch import nn
 
 from .config import DEFAULT_TARGETS
+from .dora import MAGNITUDE, DoRALinear
 from .errors import UserError, with_path
 from .inject import apply_lora, lora_layers
 
@@ -81,12 +83,15 @@ def current_umask() -> int:
 
 def lora_weights_by_key(model: nn.Module) -> dict[str, nn.Parameter]:
     """Every LoRA weight of `model` under its PEFT file key, e.g.
-    `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`."""
-    return {
-        f"{PEFT_PREFIX}{name}.{part}.weight": getattr(module, part).weight
-        for name, module in lora_layers(model).items()
-        for part in LORA_PARTS
-    }
+    `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`; a DoRA layer adds
+    `...q_proj.lora_magnitude_vector` (PEFT writes that one without `.weight`)."""
+    weights = {}
+    for name, module in lora_layers(model).items():
+        for part in LORA_PARTS:
+            weights[f"{PEFT_PREFIX}{name}.{part}.weight"] = getattr(module, part).weight
+        if isinstance(module, DoRALinear):
+            weights[f"{PEFT_PREFIX}{name}.{MAGNITUDE}"] = module.lora_magnitude_vector
+    return weights
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -130,7 +135,7 @@ def save_adapter(
         "target_modules": sorted({n.rsplit(".", 1)[-1] for n in layers}),
         "bias": "none",
         "use_rslora": any_layer.use_rslora,
-        "use_dora": False,
+        "use_dora": isinstance(any_layer, DoRALinear),
         "modules_to_save": None,
         "fan_in_fan_out": False,
         "inference_mode": True,
@@ -187,7 +192,6 @@ def read_adapter_config(adapter_dir) -> dict:
     if config.get("peft_type", "LORA") != "LORA":
         raise UserError(f"{path}: peft_type {config.get('peft_type')!r} is not LoRA")
     unsupported = {
-        "use_dora": lambda v: bool(v),
         "modules_to_save": lambda v: bool(v),
         "rank_pattern": lambda v: bool(v),
         "alpha_pattern": lambda v: bool(v),
@@ -220,6 +224,7 @@ def check_adapter_config_types(config, path) -> None:
             "a module name or a list of them",
         ),
         "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+        "use_dora": (lambda v: isinstance(v, bool), "true or false"),
         "base_model_name_or_path": (lambda v: isinstance(v, str), "a model id or path"),
     }  # fmt: skip
     if "r" not in config:
@@ -288,10 +293,12 @@ def load_adapter(model: nn.Module, adapter_dir, dropout: float | None = None) ->
             alpha=config.get("lora_alpha", 8),
             dropout=config.get("lora_dropout", 0.0) if dropout is None else dropout,
             use_rslora=bool(config.get("use_rslora", False)),
+            use_dora=bool(config.get("use_dora", False)),
         )
+    _check_variant(model, config, adapter_dir)
     expected = {k: v.shape for k, v in lora_weights_by_key(model).items()}
     # PEFT writes `.default.` only in memory, but some tools leak it into files: accept both.
-    tensors = {k.replace(".default.weight", ".weight"): v for k, v in tensors.items()}
+    tensors = {_file_key(k): v for k, v in tensors.items()}
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -309,3 +316,21 @@ def load_adapter(model: nn.Module, adapter_dir, dropout: float | None = None) ->
         for key, weight in lora_weights_by_key(model).items():
             weight.copy_(tensors[key].to(weight.device, weight.dtype))
     return config
+
+
+def _file_key(key: str) -> str:
+    """PEFT's file key for a tensor some tool saved under an in-memory name: `.default.` (the
+    adapter name) dropped, and DoRA's `lora_magnitude_vector.weight` without `.weight`."""
+    key = key.replace(".default.weight", ".weight")
+    return key.removesuffix(".weight") if key.endswith(f".{MAGNITUDE}.weight") else key
+
+
+def _check_variant(model: nn.Module, config: dict, adapter_dir) -> None:
+    """A DoRA adapter needs DoRA layers, a plain one plain layers (a model injected before)."""
+    dora = bool(config.get("use_dora", False))
+    if any(isinstance(m, DoRALinear) != dora for m in lora_layers(model).values()):
+        kinds = ("a plain LoRA", "a DoRA")
+        raise UserError(
+            f"adapter {adapter_dir} is {kinds[dora]} adapter, but the model's adapter layers are "
+            f"{kinds[not dora].split(' ', 1)[1]}: train and load with the same --dora setting"
+        )

@@ -111,6 +111,11 @@ class TrainConfig:
         "LoRA+: B's learning rate is this many times --lr, A's stays --lr (the paper suggests 16); off by default",
         "model and LoRA",
     )
+    dora: bool = _opt(
+        False,
+        "DoRA: a trainable magnitude per output row on top of LoRA's direction update (see lora/dora.py)",
+        "model and LoRA",
+    )
     # training
     output: str = _opt("out", "output directory", "training")
     epochs: float = _opt(3.0, "passes over the data", "training")

@@ -11,7 +11,7 @@ which is the vocabulary projection, and is large and tied to the embeddings in s
 
 Injection replaces each matched `nn.Linear` by a `LoRALinear` that wraps it, in place. Then
 freezing is *structural*: every parameter gets `requires_grad=False`, and only `lora_A`/`lora_B`
-get it back. The optimizer is handed exactly those parameters, so nothing else can move.
+(and DoRA's magnitude vector, with `use_dora`: see dora.py) get it back. The optimizer is handed exactly those parameters, so nothing else can move.
 Llama-style models use the same module names and work the same way.
 """
 
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .config import DEFAULT_ALPHA, DEFAULT_DROPOUT, DEFAULT_RANK, DEFAULT_TARGETS
+from .dora import DoRALinear
 from .errors import UserError
 from .layer import LoRALinear, check_lora_hyperparameters
 from .quantize import stored_numel
@@ -133,16 +134,20 @@ def apply_lora(
     alpha: float = DEFAULT_ALPHA,
     dropout: float = DEFAULT_DROPOUT,
     use_rslora: bool = False,
+    use_dora: bool = False,
 ) -> LoRAReport:
-    """Wrap each target linear of `model` in a `LoRALinear`, freeze the rest, and report.
+    """Wrap each target linear of `model` in a `LoRALinear` (a `DoRALinear` with `use_dora`),
+    freeze the rest, and report.
 
-    Returns a `LoRAReport`; the trainable count equals `sum over targets of r · (in + out)`.
+    Returns a `LoRAReport`; the trainable count equals `sum over targets of r · (in + out)`,
+    plus `out` per target with DoRA (its magnitude vector).
     """
     check_lora_hyperparameters(r, alpha, dropout)
     names = find_target_modules(model, targets)
+    layer_class = DoRALinear if use_dora else LoRALinear
     for name in names:
         base = model.get_submodule(name)
-        _replace_module(model, name, LoRALinear(base, r, alpha, dropout, use_rslora))
+        _replace_module(model, name, layer_class(base, r, alpha, dropout, use_rslora))
     trainable = freeze_all_but_lora(model)
     total = sum(stored_numel(p) for p in model.parameters())  # NF4 packs 2 weights a byte
     short = sorted({n.rsplit(".", 1)[-1] for n in names})
@@ -150,11 +155,12 @@ def apply_lora(
 
 
 def freeze_all_but_lora(model: nn.Module) -> int:
-    """requires_grad=False everywhere, then True on lora_A/lora_B only. Returns the trainable count."""
+    """requires_grad=False everywhere, then True on the adapters' own parameters only (lora_A,
+    lora_B; DoRA's magnitude). Returns the trainable count."""
     model.requires_grad_(False)
     count = 0
     for module in lora_layers(model).values():
-        for p in (module.lora_A.weight, module.lora_B.weight):
+        for p in module.trainable_parameters():
             p.requires_grad_(True)
             count += p.numel()
     return count
@@ -166,10 +172,11 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters the optimizer should see: every lora_A and lora_B weight, in a fixed order."""
+    """The parameters the optimizer should see: every lora_A and lora_B weight (and DoRA
+    magnitude), in a fixed order."""
     params = []
     for module in lora_layers(model).values():
-        params += [module.lora_A.weight, module.lora_B.weight]
+        params += module.trainable_parameters()
     return params
 
 

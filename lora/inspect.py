@@ -45,6 +45,12 @@ For each adapted module the adapter file holds `A: (r, in)` and `B: (out, r)`; i
    (q/k/v/o/gate/up/down). A group's size is the norm of all its updates as one vector,
    `√(Σ ‖ΔW_i‖_F²)`, relative to `√(Σ ‖W0_i‖_F²)`.
 
+DoRA adapters (`--dora`, see dora.py) are read too, but what is reported is their low-rank
+part `s·BA` only. DoRA's whole change, `W' − W0 = (m/‖W0 + s·BA‖_c) ⊙ (W0 + s·BA) − W0`, also
+rescales every row of W0 and is not low-rank, so the cheap spectrum above does not apply to it.
+With the base model, each DoRA module also gets the relative change of its magnitude vector,
+`‖m − ‖W0‖_c‖ / ‖‖W0‖_c‖` (m starts at ‖W0‖_c), as `magnitude_change`.
+
 Items 2 and 3 need only the adapter file (fast, no model); sizes relative to W0 and the
 amplification need the base model's weights. `infer.py --adapter out/ --inspect` prints the
 report and writes `inspect.json` (every number) and `inspect.png` (a layer × projection heatmap
@@ -70,6 +76,9 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 INSPECT_JSON = "inspect.json"
 INSPECT_PNG = "inspect.png"
 _KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight$")
+_MAGNITUDE = re.compile(
+    r"^(?:base_model\.model\.)?(.+)\.lora_magnitude_vector(?:\.default)?(?:\.weight)?$"
+)  # DoRA's m
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -160,12 +169,17 @@ def module_report(name, B, A, scaling, W0=None, top=False) -> dict:
 
 
 def adapter_factors(adapter_dir) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """(config with its scaling s, {module name: (B, A)}) from the adapter's two files."""
+    """(config with its scaling s and DoRA's magnitudes, {module name: (B, A)}) from the
+    adapter's two files."""
     config = read_adapter_config(adapter_dir)
     r, alpha = int(config["r"]), float(config.get("lora_alpha", 8))
     scaling = alpha / (math.sqrt(r) if config.get("use_rslora") else r)
     parts: dict[str, dict] = {}
+    magnitudes = {}
     for key, tensor in read_adapter_tensors(adapter_dir).items():
+        if dora := _MAGNITUDE.match(key):
+            magnitudes[dora.group(1)] = tensor
+            continue
         match = _KEY.match(key)
         if not match:
             raise UserError(f"{adapter_dir}: tensor {key} is not a LoRA A or B weight")
@@ -174,7 +188,8 @@ def adapter_factors(adapter_dir) -> tuple[dict, dict[str, tuple[torch.Tensor, to
     if lonely or not parts:
         raise UserError(f"{adapter_dir}: no A/B pair for module(s) {lonely[:3]} (damaged adapter?)")
     order = sorted(parts, key=lambda n: (layer_of(n) is None, layer_of(n) or 0, _order(n)))
-    return {**config, "scaling": scaling}, {n: (parts[n]["B"], parts[n]["A"]) for n in order}
+    config = {**config, "scaling": scaling, "magnitudes": magnitudes}
+    return config, {n: (parts[n]["B"], parts[n]["A"]) for n in order}
 
 
 def pick_layers(spec: str | None, available: list[int]) -> set[int]:
@@ -210,17 +225,29 @@ def inspect_adapter(adapter_dir, base=None, layers: str | None = None) -> dict:
         )
         for name, (B, A) in factors.items()
     ]
+    if config["magnitudes"] and base is not None:
+        for row in modules:
+            row["magnitude_change"] = magnitude_change(
+                config["magnitudes"][row["module"]], _base_weight(base, row["module"])
+            )
     return {
         "adapter": str(adapter_dir),
         "base_model": getattr(base, "name_or_path", "?") if base is not None else None,
         "r": int(config["r"]),
         "lora_alpha": config.get("lora_alpha"),
         "scaling": config["scaling"],
+        "dora": bool(config["magnitudes"]),
         "w0_svd_layers": sorted(svd_layers) if base is not None else [],
         "modules": modules,
         "by_layer": group(modules, "layer"),
         "by_projection": group(modules, "projection"),
     }
+
+
+def magnitude_change(m: torch.Tensor, W0: torch.Tensor) -> float:
+    """DoRA: ‖m − ‖W0‖_c‖ / ‖‖W0‖_c‖, how far training moved the row lengths from W0's."""
+    start = torch.linalg.vector_norm(W0.double(), dim=1)
+    return float((m.double() - start).norm() / start.norm())
 
 
 def layer_of(name: str) -> int | None:
@@ -286,6 +313,8 @@ def format_report(report: dict) -> list[str]:
             else "adapter only (no base model: no ‖W0‖, no amplification)"
         )
     ]
+    if report.get("dora"):
+        lines += dora_lines(report)
     for key in ("projection", "layer"):
         lines += [f"\nby {key:<12} modules   ‖ΔW‖_F  ‖ΔW‖_F/‖W0‖_F"]
         for g in report[f"by_{key}"]:
@@ -316,6 +345,22 @@ def format_report(report: dict) -> list[str]:
                 f"{m['module']:<{width}}  {_fmt(m['w0_along_delta']):>8} {_fmt(m['w0_along_w0_top']):>8}"
                 f" {_fmt(m['w0_along_random']):>8}  {m['delta_share_in_w0_top']:.3f}"
             )
+    return lines
+
+
+def dora_lines(report: dict) -> list[str]:
+    """DoRA: say that ΔW below is the low-rank part only, and how far the magnitudes moved."""
+    lines = [
+        "DoRA adapter: ΔW below is its low-rank part s·BA only; the magnitude vector m also "
+        "rescales every output row (W' − W0 is not low-rank and is not reported)"
+    ]
+    changes = [m["magnitude_change"] for m in report["modules"] if "magnitude_change" in m]
+    if changes:
+        largest = max(report["modules"], key=lambda m: m.get("magnitude_change", -1))
+        lines.append(
+            f"magnitude change ‖m − ‖W0‖_c‖/‖‖W0‖_c‖: mean {sum(changes) / len(changes):.3g}, "
+            f"largest {largest['magnitude_change']:.3g} ({largest['module']})"
+        )
     return lines
 
 

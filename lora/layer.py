@@ -125,6 +125,10 @@ class LoRALinear(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.base_layer.bias
 
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What the optimizer updates: A and B (DoRA adds its magnitude vector)."""
+        return [self.lora_A.weight, self.lora_B.weight]
+
     def reset_lora_parameters(self) -> None:
         """A ~ kaiming-uniform(a=√5), as nn.Linear; B = 0, so ΔW = BA = 0 at the start."""
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
@@ -163,11 +167,10 @@ class LoRALinear(nn.Module):
                 "original checkpoint instead (load the base without --quantize)"
             )
         weight = self.base_layer.weight
-        delta = self.delta_weight()
-        exact = weight.float() + delta
+        exact = self.merged_weight()
+        size = float((exact - weight.float()).norm())  # ‖ΔW‖, the change merging must carry
         weight.copy_(exact.to(weight.dtype))
         self.merged = True
-        size = float(delta.norm())
         return float((weight.float() - exact).norm()) / size if size > 0 else 0.0
 
     @torch.no_grad()
@@ -176,8 +179,18 @@ class LoRALinear(nn.Module):
         if not self.merged:
             return
         weight = self.base_layer.weight
-        weight.copy_((weight.float() - self.delta_weight()).to(weight.dtype))
+        weight.copy_(self.unmerged_weight().to(weight.dtype))
         self.merged = False
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """W0 + ΔW in fp32, shape (out, in): what `merge` writes into the base weight."""
+        return self.base_layer.weight.float() + self.delta_weight()
+
+    @torch.no_grad()
+    def unmerged_weight(self) -> torch.Tensor:
+        """W − ΔW in fp32 from the merged weight W: what `unmerge` writes back."""
+        return self.base_layer.weight.float() - self.delta_weight()
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:.4g}, merged={self.merged}"

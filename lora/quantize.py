@@ -125,7 +125,9 @@ def dequantized_weight(layer: nn.Linear) -> torch.Tensor:
     weight = layer.weight
     if getattr(weight, "quant_state", None) is not None:
         return F.dequantize_4bit(weight.data, weight.quant_state).float()
-    return weight.data.float() * weight.SCB.float()[:, None] / 127
+    # The row scales move from the weight to the layer's state at its first forward.
+    scale = weight.SCB if getattr(weight, "SCB", None) is not None else layer.state.SCB
+    return weight.data.float() * scale.float()[:, None] / 127
 
 
 def weight_bytes(model: nn.Module) -> int:

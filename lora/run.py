@@ -205,7 +205,9 @@ def load_model_with_lora(cfg: TrainConfig, device, precision: str):
     base_dtype = DTYPES[precision]
     quantized = quantization_config(cfg.quantize, compute_dtype=base_dtype)  # None: no QLoRA
     model = load_model(cfg.model, base_dtype, device, cfg.trust_remote_code, quantized)
-    report = apply_lora(model, cfg.targets, cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora)
+    report = apply_lora(
+        model, cfg.targets, cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora, use_dora=cfg.dora
+    )
     if cfg.grad_checkpointing:
         # use_reentrant=False: the re-entrant variant drops gradients of inputs that do not
         # require grad, which would leave every LoRA gradient at zero behind a frozen embedding.
@@ -254,7 +256,7 @@ def run_identity(run: Run) -> dict:
     names = (
         "model", "targets", "rank", "alpha", "dropout", "rslora", "template", "system",
         "enable_thinking", "max_len", "lr", "warmup", "weight_decay", "max_grad_norm",
-        "batch_size", "grad_accum", "group_by_length", "seed", "quantize", "lora_plus_ratio",
+        "batch_size", "grad_accum", "group_by_length", "seed", "quantize", "lora_plus_ratio", "dora",
     )  # fmt: skip
     return {name: getattr(cfg, name) for name in names} | {
         "world_size": run.dist.world_size,
