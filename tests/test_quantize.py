@@ -146,8 +146,12 @@ def test_our_nf4_adapter_is_peft_format_and_peft_on_a_bnb_base_agrees(rich_dir, 
 
 
 def test_the_adapter_path_is_the_same_on_a_quantized_and_a_full_base(rich_dir):
-    """Layer by layer: (NF4 base + adapter) - (full base + adapter) = (deq(W) - W) x exactly,
-    so the adapter adds nothing of its own to the quantization error."""
+    """Layer by layer: (NF4 base + adapter) - NF4 base = (full base + adapter) - full base, so
+    the adapter adds nothing of its own to the quantization error.
+
+    Compared through each base layer's own output, not `dequantized_weight`: on CPUs with
+    AVX512-BF16, bitsandbytes runs a 4-bit inference kernel with bf16-rounded block scales,
+    whose output differs from the dequantized weight's by ~1e-2 on this model."""
     nf4 = with_random_adapter(quantized(rich_dir))
     full = load_model(str(rich_dir))
     apply_lora(full, "all-linear", r=4, alpha=8, dropout=0.0)
@@ -157,8 +161,9 @@ def test_the_adapter_path_is_the_same_on_a_quantized_and_a_full_base(rich_dir):
         for name, layer in lora_layers(nf4).items():
             twin = full_layers[name]
             x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(0))
-            quantization_error = x @ (dequantized_weight(layer.base_layer) - twin.weight).T
-            torch.testing.assert_close(layer(x) - twin(x), quantization_error, atol=1e-5, rtol=0)
+            update = layer(x) - layer.base_layer(x)
+            assert update.abs().max() > 1e-2  # the random adapter really acts
+            torch.testing.assert_close(update, twin(x) - twin.base_layer(x), atol=1e-5, rtol=0)
 
 
 @pytest.fixture(scope="module")
