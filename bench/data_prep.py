@@ -166,11 +166,13 @@ def child_trl(data: str) -> dict:
     """
     import logging
 
+    import datasets
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     logging.getLogger("trl").setLevel(logging.ERROR)
+    datasets.disable_progress_bars()  # ours runs without a progress bar too
     tok = AutoTokenizer.from_pretrained(str(TOKENIZER))
     with tempfile.TemporaryDirectory() as tmp:
         model = tiny_model_with_real_vocab(Path(tmp) / "model")
