@@ -151,12 +151,13 @@ def notes(m: dict) -> str:
     extra = m["weights_mb"] - m["weights_param_bytes_mb"]
     said.append(
         f"RSS after load is {m['weights_mb']:.0f} MB for {m['weights_param_bytes_mb']:.0f} MB of "
-        f"parameters ({extra:+.0f} MB)"
+        f"parameters ({extra:+.0f} MB: modules imported at first load, allocator slack)"
     )
     if m["load_transient_mb"] > 0.1 * m["weights_param_bytes_mb"]:
         said.append(
             f"loading peaks {m['load_transient_mb']:.0f} MB higher than it ends: a transient copy "
-            f"(e.g. the checkpoint's bf16 tensors mapped while converted to fp32)"
+            f"(transformers keeps the checkpoint file memory-mapped while it converts each tensor "
+            f"to fp32, so the bf16 pages it has read count in RSS until the file is closed)"
         )
     return "; ".join(said) + "."
 

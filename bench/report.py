@@ -46,6 +46,7 @@ def ratio_lines(ratios: dict) -> list[str]:
 
 MEMORY_PHASES = [
     ("baseline_mb", "process before loading (Python, torch, transformers)"),
+    ("weights_param_bytes_mb", "parameters' own bytes (numel × element size), for comparison"),
     ("weights_mb", "base weights as loaded (RSS after load − before)"),
     ("load_transient_mb", "extra peak while loading (conversion copies), freed after"),
     ("lora_mb", "LoRA A/B added"),
