@@ -397,7 +397,7 @@ def trl_lines(results: dict) -> list[str]:
     ]
     lines = [
         "",
-        "Ours (`prepare_data`, no cache) vs TRL 's `SFTTrainer` dataset preparation (prompt/completion "
+        "Ours (`prepare_data`, no cache) vs TRL's `SFTTrainer` dataset preparation (prompt/completion "
         "conversations, completion_only_loss, max_length 512, its defaults):",
         "",
         "| rows | ours rows/s | TRL rows/s | ours/TRL | ours rows per CPU-s | TRL rows per CPU-s | ours peak RSS added (MB) | TRL peak RSS added (MB) |",
