@@ -429,6 +429,10 @@ def main(argv=None) -> int:
             update_readme(ROOT / "README.md", data)
         print(markdown)
         return 0
+    if args.tiny and args.readme:
+        raise SystemExit(
+            "--tiny numbers mean nothing: they never go into README.md (drop --readme)"
+        )
     workdir = Path(tempfile.mkdtemp(prefix="lora-bench-"))
     resolve_model(args, workdir)
     device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
