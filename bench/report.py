@@ -103,10 +103,16 @@ def render_main(data: dict) -> list[str]:
         "",
         *contender_table(data["results"]),
         "",
-        "Ratios (same gradient-checkpointing setting only):",
-        "",
-        *ratio_lines(data["ratios"]),
-        "",
+        *(
+            [
+                "Ratios (same gradient-checkpointing setting only):",
+                "",
+                *ratio_lines(data["ratios"]),
+                "",
+            ]
+            if data["ratios"]
+            else []
+        ),
         *memory_lines(data.get("memory_breakdown", {})),
     ]
 
