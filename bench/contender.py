@@ -1,15 +1,20 @@
 """One benchmark contender, run in its own fresh process by bench/run.py.
 
-    python bench/contender.py {ours|peft-trainer|tutorial} --spec spec.json --result out.json
+    python bench/contender.py {ours|peft-trainer|tutorial|trl} --spec spec.json --result out.json
 
-All contenders see the same rows (prepared by run.py with our data reader and label builder, so
-label masking is identical), the same model, seed and hyper-parameters. What differs is what
-users would otherwise run:
+All contenders see the same rows, the same model, seed and hyper-parameters, and gradient
+checkpointing on or off as the spec's `grad_checkpointing` says. What differs is what users
+would otherwise run:
   ours          lora/ exactly as train.py runs it (length-grouped batches, supervised-only loss)
   peft-trainer  peft LoRA + transformers Trainer, DataCollatorForSeq2Seq dynamic padding
   tutorial      peft LoRA + Trainer with every row padded to max_length, as the tutorials do
-Each measures all its optimizer steps (one epoch over the same rows), real and supervised tokens,
-peak memory, and at the end the token-averaged loss of its adapter on the same held-out rows.
+  trl           TRL's SFTTrainer + SFTConfig + peft LoraConfig on conversational prompt/completion
+                rows, completion_only_loss, as TRL's docs recommend; TRL tokenizes the rows itself
+ours, peft-trainer and tutorial get rows tokenized and labelled by our code (run.py), so their
+label masking is identical; trl gets the same conversations as text.
+Each reports, per optimizer step, its wall time and its real (non-padding: attention mask) and
+supervised tokens; run.py drops the warm-up steps. Also peak memory, and at the end the
+token-averaged loss of its adapter on the same held-out rows (tokenized by our code for all).
 """
 
 from __future__ import annotations
@@ -74,17 +79,18 @@ def run_ours(spec, device):
         progress=False,
         template="chat",
         device="cuda" if device.type == "cuda" else "cpu",
+        grad_checkpointing=spec["grad_checkpointing"],
     )
     result = train(cfg)
     peak = peak_memory_mb(device)  # before the held-out evaluation loads anything more
-    timed = result.history
+    steps = result.history
     model = _reload_with_adapter(spec, out, device)
     return {
         "peak_memory_mb": peak,
-        "seconds": sum(r["step_time_s"] for r in timed),
-        "real_tokens": sum(r["real_tokens"] for r in timed),
-        "supervised_tokens": sum(r["supervised_tokens"] for r in timed),
-        "end_train_loss": result.history[-1]["loss"],
+        "step_times": [r["step_time_s"] for r in steps],
+        "step_real_tokens": [r["real_tokens"] for r in steps],
+        "step_supervised_tokens": [r["supervised_tokens"] for r in steps],
+        "end_train_loss": steps[-1]["loss"],
         "heldout_loss": heldout_loss(model, spec["heldout"], device),
     }
 
@@ -107,7 +113,6 @@ def run_peft_trainer(spec, device, pad_to_max: bool):
         AutoTokenizer,
         DataCollatorForSeq2Seq,
         Trainer,
-        TrainerCallback,
         TrainingArguments,
     )
 
@@ -149,31 +154,29 @@ def run_peft_trainer(spec, device, pad_to_max: bool):
             for r in rows
         ]
 
-    seen = []  # per micro-batch: (real tokens, supervised tokens), in the order the Trainer draws them
     base_collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
-
-    def collator(features):
-        batch = base_collator(features)
-        seen.append(
-            (int(batch["attention_mask"].sum()), int((batch["labels"][:, 1:] != -100).sum()))
-        )
-        return batch
-
-    times = []
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append([time.perf_counter(), None])
-
-        def on_step_end(self, args, state, control, **kw):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[-1][1] = time.perf_counter()
-
     args = TrainingArguments(
         output_dir=str(Path(spec["workdir"]) / ("tutorial" if pad_to_max else "peft")),
+        gradient_checkpointing=spec["grad_checkpointing"],
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        remove_unused_columns=False,
+        **shared_training_args(spec, device),
+    )
+    probe = StepProbe(spec, device)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=rows,
+        data_collator=probe.counting(base_collator),
+        callbacks=[probe.callback()],
+    )
+    trainer.train()
+    return probe.result(trainer, model)
+
+
+def shared_training_args(spec, device) -> dict:
+    """TrainingArguments every Trainer-based contender shares: our hyper-parameters, one log a step."""
+    return dict(
         per_device_train_batch_size=spec["batch_size"],
         gradient_accumulation_steps=spec["grad_accum"],
         learning_rate=spec["lr"],
@@ -186,33 +189,114 @@ def run_peft_trainer(spec, device, pad_to_max: bool):
         report_to=[],
         seed=spec["seed"],
         dataloader_num_workers=0,
-        remove_unused_columns=False,
         use_cpu=device.type != "cuda",
+        # Ours trains fp32 on CPU and bf16 autocast on CUDA: the others do the same (TRL's own
+        # default would be bf16 autocast even on CPU, a different computation).
         bf16=device.type == "cuda",
         optim="adamw_torch_fused" if device.type == "cuda" else "adamw_torch",
         disable_tqdm=True,
     )
-    trainer = Trainer(
-        model=model, args=args, train_dataset=rows, data_collator=collator, callbacks=[Timer()]
+
+
+class StepProbe:
+    """Per optimizer step of a transformers Trainer: wall time, real and supervised tokens.
+
+    Tokens are counted where the batches are made (the collator), exactly as ours counts them:
+    real = attention-mask ones, supervised = labels ≠ -100 after the next-token shift.
+    """
+
+    def __init__(self, spec, device):
+        self.spec, self.device = spec, device
+        self.seen = []  # per micro-batch, in the order the Trainer draws them
+        self.times = []
+
+    def counting(self, collator):
+        def collate(features):
+            batch = collator(features)
+            self.seen.append(
+                (int(batch["attention_mask"].sum()), int((batch["labels"][:, 1:] != -100).sum()))
+            )
+            return batch
+
+        return collate
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        probe = self
+
+        class Timer(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kw):
+                probe._sync()
+                probe.times.append([time.perf_counter(), None])
+
+            def on_step_end(self, args, state, control, **kw):
+                probe._sync()
+                probe.times[-1][1] = time.perf_counter()
+
+        return Timer()
+
+    def result(self, trainer, model) -> dict:
+        peak = peak_memory_mb(self.device)
+        # The data loader may draw one micro-batch ahead: keep only the windows that trained.
+        accum = self.spec["grad_accum"]
+        windows = [self.seen[i : i + accum] for i in range(0, len(self.times) * accum, accum)]
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        return {
+            "peak_memory_mb": peak,
+            "step_times": [b - a for a, b in self.times],
+            "step_real_tokens": [sum(t for t, _ in w) for w in windows],
+            "step_supervised_tokens": [sum(s for _, s in w) for w in windows],
+            "end_train_loss": losses[-1] if losses else None,
+            "heldout_loss": heldout_loss(model, self.spec["heldout"], self.device),
+        }
+
+
+def run_trl(spec, device):
+    """TRL's recommended LoRA SFT on prompt/completion conversations (TRL 1.16 API)."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    dataset = Dataset.from_list(spec["conversations"])
+    args = SFTConfig(
+        output_dir=str(Path(spec["workdir"]) / "trl"),
+        max_length=spec["max_len"],
+        completion_only_loss=True,
+        packing=False,
+        gradient_checkpointing=spec["grad_checkpointing"],
+        model_init_kwargs={
+            "dtype": torch.bfloat16 if device.type == "cuda" else torch.float32,
+            "attn_implementation": "sdpa",
+        },
+        **shared_training_args(spec, device),
     )
+    trainer = SFTTrainer(
+        model=spec["model"],
+        args=args,
+        train_dataset=dataset,
+        peft_config=LoraConfig(
+            r=8,
+            lora_alpha=16,
+            lora_dropout=0.0,
+            target_modules=["q_proj", "v_proj"],
+            task_type="CAUSAL_LM",
+        ),
+    )
+    probe = StepProbe(spec, device)
+    trainer.data_collator = probe.counting(trainer.data_collator)
+    trainer.add_callback(probe.callback())
     trainer.train()
-    peak = peak_memory_mb(device)
-    accum = spec["grad_accum"]
-    timed = seen[: spec["steps"] * accum]
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {
-        "peak_memory_mb": peak,
-        "seconds": sum(b - a for a, b in times),
-        "real_tokens": sum(t for t, _ in timed),
-        "supervised_tokens": sum(s for _, s in timed),
-        "end_train_loss": losses[-1] if losses else None,
-        "heldout_loss": heldout_loss(model, spec["heldout"], device),
-    }
+    return probe.result(trainer, trainer.model)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("name", choices=["ours", "peft-trainer", "tutorial"])
+    parser.add_argument("name", choices=["ours", "peft-trainer", "tutorial", "trl"])
     parser.add_argument("--spec", required=True)
     parser.add_argument("--result", required=True)
     args = parser.parse_args()
@@ -226,6 +310,8 @@ def main() -> int:
         torch.cuda.reset_peak_memory_stats()
     if args.name == "ours":
         result = run_ours(spec, device)
+    elif args.name == "trl":
+        result = run_trl(spec, device)
     else:
         result = run_peft_trainer(spec, device, pad_to_max=args.name == "tutorial")
     result["device"] = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"

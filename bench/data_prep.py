@@ -12,6 +12,10 @@ tokenizer and the real files of ../shared:
                  launch to the end of step 1, without and then with the cache
     memory       a synthetic set of --rows rows of ~150 tokens: peak RSS added by
                  prepare_data, and resident memory after loading it back (memory-mapped)
+    TRL          the same two files through what TRL's SFTTrainer users run: the rows as
+                 conversational prompt/completion records in a `datasets.Dataset`, tokenized
+                 by SFTTrainer's own dataset preparation (chat template, completion mask,
+                 truncation to 512) with its defaults; against ours without the cache
 
 Results go to `<out>/data-prep-<date>.md` and `.json`. The machine's load average is recorded
 with them: on a shared machine, wall-clock rates drop with the load; rows per CPU-second do not.
@@ -25,6 +29,7 @@ import json
 import os
 import random
 import resource
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -131,6 +136,71 @@ def child_tokenizer_only() -> dict:
     }
 
 
+def trl_rows(path: Path) -> list[dict]:
+    """The file's rows as TRL's conversational prompt/completion records (what a TRL user
+    writes before calling SFTTrainer). huatuo holds one-element lists; the synthetic set strings."""
+
+    def text(v):
+        return v[0] if isinstance(v, list) else v
+
+    if path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f]
+    else:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    return [
+        {
+            "prompt": [{"role": "user", "content": text(r["instruction"])}],
+            "completion": [{"role": "assistant", "content": text(r["output"])}],
+        }
+        for r in rows
+    ]
+
+
+def child_trl(data: str) -> dict:
+    """TRL's SFTTrainer dataset preparation (tokenize + completion mask + truncate) on `data`.
+
+    The trainer is built once on a one-row set around a tiny model, so that model set-up is not
+    timed; then its `_prepare_dataset` (what its constructor runs on `train_dataset`) prepares
+    the whole file. Reading the file into records is timed too, as prepare_data's reading is.
+    """
+    import logging
+
+    import datasets
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    logging.getLogger("trl").setLevel(logging.ERROR)
+    datasets.disable_progress_bars()  # ours runs without a progress bar too
+    tok = AutoTokenizer.from_pretrained(str(TOKENIZER))
+    with tempfile.TemporaryDirectory() as tmp:
+        model = tiny_model_with_real_vocab(Path(tmp) / "model")
+        args = SFTConfig(
+            output_dir=tmp, max_length=512, completion_only_loss=True, report_to=[], use_cpu=True
+        )
+        warm = Dataset.from_list(trl_rows(HUATUO)[:1])
+        trainer = SFTTrainer(model=str(model), args=args, train_dataset=warm, processing_class=tok)
+        reset_peak_rss()
+        before, cpu0, t0 = rss_mb(), cpu_seconds(), time.perf_counter()
+        dataset = Dataset.from_list(trl_rows(Path(data)))
+        prepared = trainer._prepare_dataset(dataset, tok, args, False, None, "train")
+        seconds = time.perf_counter() - t0
+        rows = len(dataset)
+        return {
+            "rows": rows,
+            "train_rows": len(prepared),
+            "tokens": int(sum(len(x) for x in prepared["input_ids"])),
+            "seconds": round(seconds, 2),
+            "rows_per_s": round(rows / seconds),
+            "cpu_seconds": round(cpu_seconds() - cpu0, 2),
+            "rows_per_cpu_s": round(rows / max(cpu_seconds() - cpu0, 1e-9)),
+            "rss_before_mb": round(before),
+            "peak_added_mb": round(peak_rss_mb() - before),
+            "rss_after_mb": round(rss_mb()),
+        }
+
+
 def run_child(*args) -> dict:
     out = subprocess.run(
         [sys.executable, __file__, "--child", *args], capture_output=True, text=True, check=True
@@ -214,12 +284,16 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--rows", type=int, default=200_000, help="rows of the synthetic memory test")
     p.add_argument("--skip-train", action="store_true", help="skip the time-to-first-step runs")
+    p.add_argument("--skip-trl", action="store_true", help="skip the comparison with TRL")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child is not None:
         if args.child == ["tokenizer-only"]:
             print(json.dumps(child_tokenizer_only()))
+            return 0
+        if args.child[0] == "trl":
+            print(json.dumps(child_trl(args.child[1])))
             return 0
         data, columns, cache_dir = (args.child + [None, None])[:3]
         print(json.dumps(child_prepare(data, columns or None, cache_dir or None)))
@@ -228,7 +302,12 @@ def main() -> int:
         print("bench/data_prep.py needs ../shared (tokenizer and data files)", file=sys.stderr)
         return 2
 
-    results = {"date": datetime.date.today().isoformat(), "cpus": os.cpu_count()}
+    results = {
+        "date": datetime.date.today().isoformat(),
+        "cpus": os.cpu_count(),
+        "command": "python bench/data_prep.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "versions": versions(),
+    }
     results["load_average_at_start"] = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -250,6 +329,13 @@ def main() -> int:
         print("memory (build + cache write):", results["memory_synthetic_build"], flush=True)
         results["memory_synthetic_cached"] = run_child(str(synthetic), "", cache)
         print("memory (load from cache):", results["memory_synthetic_cached"], flush=True)
+        if not args.skip_trl:
+            results["trl_huatuo"] = run_child("trl", str(HUATUO))
+            print("TRL, huatuo:", results["trl_huatuo"], flush=True)
+            results["ours_synthetic_no_cache"] = run_child(str(synthetic), "", "")
+            print("ours, synthetic, no cache:", results["ours_synthetic_no_cache"], flush=True)
+            results["trl_synthetic"] = run_child("trl", str(synthetic))
+            print("TRL, synthetic:", results["trl_synthetic"], flush=True)
     results["load_average_at_end"] = os.getloadavg()
     write_results(results, Path(args.out))
     return 0
@@ -286,8 +372,56 @@ def write_results(results: dict, out: Path) -> None:
         f"{b['peak_added_mb']} MB ({b['seconds']} s, {b['rows_per_s']} rows/s) |",
         f"| the same, loaded from the cache (memory-mapped): peak RSS added | {m['peak_added_mb']} MB ({m['seconds']} s) |",
     ]
+    lines += trl_lines(results)
+    lines += [
+        "",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in results.get("versions", {}).items()) + ".",
+        "",
+        f"Command: `{results.get('command', 'python bench/data_prep.py')}`",
+    ]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def trl_lines(results: dict) -> list[str]:
+    """Ours vs TRL's SFTTrainer dataset preparation, both without a cache."""
+    if "trl_huatuo" not in results:
+        return []
+    pairs = [
+        ("huatuo26M_test.json", results["throughput_huatuo"], results["trl_huatuo"]),
+        (
+            f"synthetic {results['trl_synthetic']['rows']} rows",
+            results["ours_synthetic_no_cache"],
+            results["trl_synthetic"],
+        ),
+    ]
+    lines = [
+        "",
+        "Ours (`prepare_data`, no cache) vs TRL's `SFTTrainer` dataset preparation (prompt/completion "
+        "conversations, completion_only_loss, max_length 512, its defaults):",
+        "",
+        "| rows | ours rows/s | TRL rows/s | ours/TRL | ours rows per CPU-s | TRL rows per CPU-s | ours peak RSS added (MB) | TRL peak RSS added (MB) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, o, t in pairs:
+        lines.append(
+            f"| {name} | {o['rows_per_s']} | {t['rows_per_s']} | {o['rows_per_s'] / t['rows_per_s']:.2f}× | "
+            f"{o['rows_per_cpu_s']} | {t['rows_per_cpu_s']} | {o['peak_added_mb']} | {t['peak_added_mb']} |"
+        )
+    return lines
+
+
+def versions() -> dict:
+    import importlib.metadata
+    import platform
+
+    out = {"python": platform.python_version()}
+    for package in ("tokenizers", "transformers", "datasets", "trl"):
+        try:
+            out[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            out[package] = None
+    return out
 
 
 if __name__ == "__main__":

@@ -1,0 +1,113 @@
+"""The benchmark's arithmetic and reports: steady-state timing, like-with-like ratios, and the
+README table regenerated from a results JSON (bench/run.py, bench/report.py; nothing timed)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import report  # noqa: E402
+import run  # noqa: E402
+
+
+def one_run(times, real, supervised, peak=100.0, loss=2.0):
+    return {
+        "step_times": times,
+        "step_real_tokens": real,
+        "step_supervised_tokens": supervised,
+        "peak_memory_mb": peak,
+        "end_train_loss": loss,
+        "heldout_loss": loss,
+    }
+
+
+def test_summary_leaves_out_each_runs_warmup_steps_and_pools_the_repeats():
+    runs = [
+        one_run([50.0, 9.0, 2.0, 4.0], [1, 1, 10, 30], [0, 0, 5, 15], peak=100),
+        one_run([70.0, 8.0, 3.0, 1.0], [1, 1, 20, 20], [0, 0, 10, 10], peak=120),
+    ]
+    s = run.summarize(runs, warmup=2)
+    assert s["timed_steps"] == 4
+    assert s["real_tokens_per_s"] == pytest.approx(80 / 10)
+    assert s["supervised_tokens_per_s"] == pytest.approx(40 / 10)
+    assert (s["median_step_s"], s["min_step_s"], s["max_step_s"]) == (2.5, 1.0, 4.0)
+    assert s["peak_memory_mb"] == 120
+
+
+def test_a_failed_run_is_reported_not_averaged_in():
+    failed = {"error": "exit -9: killed (out of memory?)", "wall_s": 1.0}
+    assert "error" in run.summarize([failed], warmup=2)
+    s = run.summarize([failed, one_run([5.0, 1.0], [1, 4], [1, 2])], warmup=1)
+    assert s["real_tokens_per_s"] == 4.0
+
+
+def summary(tps, peak, loss):
+    return {"real_tokens_per_s": tps, "peak_memory_mb": peak, "heldout_loss": loss}
+
+
+def test_ratios_compare_only_runs_with_the_same_gradient_checkpointing():
+    results = {
+        run.variant("ours", False): summary(90.0, 700.0, 2.0),
+        run.variant("trl", False): summary(45.0, 1000.0, 2.0),
+        run.variant("ours", True): summary(60.0, 400.0, 2.0),
+        run.variant("trl", True): summary(30.0, 500.0, 2.0),
+    }
+    r = run.ratios(results, [False, True])
+    assert set(r) == {"ours/trl, grad ckpt off", "ours/trl, grad ckpt on"}
+    assert r["ours/trl, grad ckpt off"]["real tokens/s"] == pytest.approx(2.0)
+    assert r["ours/trl, grad ckpt on"]["peak memory"] == pytest.approx(0.8)
+
+
+def results_json():
+    results = {
+        run.variant("ours", False): summary(90.0, 700.0, 2.0)
+        | {"supervised_tokens_per_s": 40.0, "median_step_s": 11.0, "min_step_s": 10.0}
+        | {"max_step_s": 12.5, "end_train_loss": 2.1, "utilization": 0.5},
+    }
+    return {
+        "kind": "main",
+        "device": "cpu-2cores",
+        "date": "2026-12-06",
+        "command": "python bench/run.py --steps 16",
+        "versions": {"torch": "2.13.0", "trl": "1.16.0"},
+        "load_average": {"start": [0.5, 0, 0], "end": [0.7, 0, 0]},
+        "matmul_peak_flops": 1.8e11,
+        "settings": {
+            "model": "m", "tiny": False, "data": "d.json", "steps": 16, "warmup_steps": 2,
+            "repeats": 1, "batch_size": 4, "grad_accum": 2, "max_len": 512, "seed": 0,
+        },
+        "rows": 128,
+        "mean_len": 126.0,
+        "results": results,
+        "ratios": {},
+        "memory_breakdown": {},
+    }  # fmt: skip
+
+
+def test_the_results_file_names_the_command_the_versions_and_the_setting():
+    text = report.render_results(results_json())
+    assert "`python bench/run.py --steps 16`" in text
+    assert "trl 1.16.0" in text
+    assert "| ours, grad ckpt off | 90.0 | 40.0 | 11.00 | 10.00–12.50 | 700 |" in text
+
+
+def test_readme_block_is_regenerated_from_the_json_and_nothing_else_changes(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        "before\n<!-- bench:main:start -->\nold 64.8\n<!-- bench:main:end -->\nafter\n"
+    )
+    report.update_readme(readme, results_json())
+    text = readme.read_text()
+    assert text.startswith("before\n<!-- bench:main:start -->\nLatest run: cpu-2cores")
+    assert "old 64.8" not in text and "| ours, grad ckpt off | 90.0 |" in text
+    assert text.endswith("<!-- bench:main:end -->\nafter\n")
+
+
+def test_readme_without_the_markers_is_a_clear_error(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="no <!-- bench:main:start -->"):
+        report.update_readme(readme, results_json())
