@@ -46,7 +46,7 @@ from .loss import count_supervised
 from .metrics import ProgressBar, plot_loss
 from .precision import out_of_memory_advice, pick_device, resolve_precision
 from .run import Run, setup
-from .rundir import LOSS_PLOT, prepare_run_dir, run_dir_lock, write_train_args
+from .rundir import HELDOUT, LOSS_PLOT, prepare_run_dir, run_dir_lock, write_train_args
 from .tracking import check_backends
 
 MAX_BAD_STEPS = 3  # non-finite updates in a row that mean the run diverged
@@ -314,12 +314,18 @@ def finish(run: Run) -> TrainResult:
         write_train_args(run.out, run.cfg, run.record, asdict(run.state), final)
         for line in summary_lines(final):
             run.log(line)
-        run.log(
-            f'adapter saved to {run.out}/; try it: python infer.py --adapter {run.out} --prompt "..."'
-        )
+        run.log(f"adapter saved to {run.out}/; try it: {next_command(run)}")
     barrier()
     history = run.metrics.history
     return TrainResult(run.out, run.state.step, run.last_loss, val_loss, history)
+
+
+def next_command(run: Run) -> str:
+    """What to run next: score the held-out rows when there are some (questions shaped like the
+    training rows, with references), else ask a question."""
+    if (run.out / HELDOUT).is_file():
+        return f"python infer.py --adapter {run.out} --file {run.out / HELDOUT} --score --compare"
+    return f'python infer.py --adapter {run.out} --prompt "..."'
 
 
 def early_stop_message(run: Run) -> str:

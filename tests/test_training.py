@@ -233,6 +233,10 @@ def test_cli_run_leaves_every_file(qwen2_dir, tmp_path):
     samples, _ = read_dataset(data)
     _, val = split_validation(samples, 0.25, 42)
     assert heldout == [rows[s.row - 1] for s in val] and len(heldout) == 4
+    assert (
+        f"try it: python infer.py --adapter {out} --file {out / 'heldout.jsonl'} --score"
+        in p.stdout
+    )
     for needle in [
         "trainable params",
         "effective batch: 4 rows",
