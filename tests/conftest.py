@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -146,3 +147,24 @@ def single_process_run(model, autocast=None, scaler=None):
     autocast = autocast if autocast is not None else torch.autocast("cpu", enabled=False)
     return SimpleNamespace(forward=CausalLMLoss(model), device=torch.device("cpu"),
                            autocast=autocast, scaler=scaler, dist=DistInfo())  # fmt: skip
+
+
+def redraw(model, seed: int = 0):
+    """Re-draw every weight at a size where each tensor changes the logits, for parity tests.
+
+    At the default init (std 0.02, biases 0, norms 1) a tiny model nearly repeats its input
+    token, whatever its layers hold, so a comparison of logits would pass with swapped,
+    transposed or missing tensors. Norms U(0.5, 1.5), biases N(0, 0.5), embeddings N(0, 0.3),
+    linear weights N(0, 1.5/√fan_in)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            elif name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+            elif "embed" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 1.5 / math.sqrt(p.shape[1]))
+    return model

@@ -7,7 +7,6 @@ a non-zero B and a magnitude moved away from ‖W0‖_c, so a mistake in any par
 
 import json
 import logging
-import math
 import warnings
 
 import pytest
@@ -18,6 +17,7 @@ from conftest import (
     assert_same_adapters,
     cli_args,
     overfit_rows,
+    redraw,
     run_script,
     tiny_config,
     write_json,
@@ -32,22 +32,6 @@ from lora.trainer import train
 peft = pytest.importorskip("peft")
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def redraw(model, seed=0):
-    """Weights of a size where every tensor changes the logits (see the module docstring)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
-            elif name.endswith("bias"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-            elif "embed" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 1.5 / math.sqrt(p.shape[1]))
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ weights N(0, 1.5/sqrt(fan_in))) and get an adapter with a random, non-zero B.
 """
 
 import json
-import math
 import os
 import re
 import sys
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import real_tokenizer
+from conftest import real_tokenizer, redraw
 from infer import main as infer_main
 from lora.adapter import ADAPTER_CONFIG, save_adapter
 from lora.data import Sample, Turn
@@ -42,29 +41,13 @@ TEXTS = [
 ]
 
 
-def redrawn(model):
-    """Weights of a size where every tensor changes the logits (see the module docstring)."""
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-            elif name.endswith("bias"):
-                p.normal_(0, 0.5)
-            elif "embed" in name:
-                p.normal_(0, 0.3)
-            else:
-                p.normal_(0, 1.5 / math.sqrt(p.shape[1]))
-    return model
-
-
 def parity_base(src, dst, tied: bool, head_dim: int | None = None):
     """The fixture's architecture and tokenizer with re-drawn weights, saved like a real model."""
     config = AutoConfig.from_pretrained(src)
     config.tie_word_embeddings = tied
     if head_dim:
         config.head_dim = head_dim
-    model = redrawn(AutoModelForCausalLM.from_config(config))
+    model = redraw(AutoModelForCausalLM.from_config(config), seed=1)
     model.generation_config = AutoModelForCausalLM.from_pretrained(src).generation_config
     model.save_pretrained(dst)
     AutoTokenizer.from_pretrained(src).save_pretrained(dst)

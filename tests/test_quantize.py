@@ -6,13 +6,12 @@ adapters with a non-zero B, so a mistake in any part shows in the logits.
 """
 
 import importlib.metadata
-import math
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import overfit_rows, write_json
+from conftest import overfit_rows, redraw, write_json
 from lora.adapter import load_adapter, save_adapter
 from lora.batching import collate
 from lora.data import Sample, Turn
@@ -32,17 +31,7 @@ peft = pytest.importorskip("peft")
 def rich_dir(tmp_path_factory, qwen2_dir):
     """The tiny qwen2 model with every weight re-drawn large enough to matter."""
     model = load_model(str(qwen2_dir))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
-            elif name.endswith("bias"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-            elif "embed" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 1.5 / math.sqrt(p.shape[1]))
+    redraw(model)
     out = tmp_path_factory.mktemp("rich")
     model.save_pretrained(out)
     for f in qwen2_dir.iterdir():  # tokenizer and chat template
