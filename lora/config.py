@@ -26,6 +26,7 @@ DEFAULT_RANK = 8
 DEFAULT_ALPHA = 16.0
 DEFAULT_DROPOUT = 0.05
 QUANTIZE_CHOICES = ("none", "nf4", "int8")  # the frozen base: as stored, 4-bit NF4, 8-bit (QLoRA)
+SHARD_CHOICES = ("ddp", "fsdp")  # under torchrun: whole model per process, or sharded (sharding.py)
 
 
 def _opt(default, help: str, group: str, **flag):
@@ -129,6 +130,17 @@ class TrainConfig:
     )
     grad_checkpointing: bool = _opt(
         False, "recompute activations in backward to save memory", "training"
+    )
+    shard: str = _opt(
+        "ddp",
+        "under torchrun: ddp = every process holds the whole model; fsdp = the model sharded across processes (FSDP2), for models bigger than one GPU",
+        "training",
+        choices=SHARD_CHOICES,
+    )
+    fsdp_offload: bool = _opt(
+        False,
+        "--shard fsdp: keep the weight shards in CPU memory, copied to the GPU layer by layer (largest models; slower)",
+        "training",
     )
     seed: int = _opt(42, "seed for shuffling, dropout and the validation split", "training")
     group_by_length: bool = _opt(
@@ -244,6 +256,7 @@ def check_config(cfg: TrainConfig) -> None:
         if getattr(cfg, name) is not None and not _safe(ok, getattr(cfg, name))
     ]
     problems += _val_size_problem(cfg.val_size)
+    problems += _combination_problems(cfg)
     if problems:
         raise UserError("; ".join(problems))
 
@@ -283,6 +296,7 @@ _RULES = [
     ("keep_last", lambda v: _int(v) and v >= 0, "an integer >= 0 (0 keeps all)"),
     ("stop_after_steps", lambda v: _int(v) and v >= 1, "an integer >= 1"),
     ("loss_chunk", lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    ("shard", lambda v: v in SHARD_CHOICES, " or ".join(SHARD_CHOICES)),
 ]
 
 
@@ -294,3 +308,16 @@ def _val_size_problem(v) -> list[str]:
     if v == 0 or fraction or count:
         return []
     return [f"--val-size must be 0, a fraction in (0, 1) or a whole count >= 1, got {v!r}"]
+
+
+def _combination_problems(cfg) -> list[str]:
+    """Flags that are each valid but do not work together."""
+    problems = []
+    if cfg.shard == "fsdp" and cfg.quantize != "none":
+        problems.append(
+            f"--quantize {cfg.quantize} does not work with --shard fsdp (FSDP cannot shard "
+            f"bitsandbytes' packed weights): use --shard ddp, or no --quantize"
+        )
+    if cfg.fsdp_offload and cfg.shard != "fsdp":
+        problems.append("--fsdp-offload needs --shard fsdp")
+    return problems

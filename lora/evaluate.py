@@ -12,8 +12,8 @@ import math
 
 import torch
 
-from .adapter import save_adapter
 from .batching import collate
+from .checkpoint import save_run_adapter
 from .distributed import all_reduce_sums
 
 
@@ -23,14 +23,21 @@ def validation_loss(run, val_set) -> float:
     run.model.eval()
     order = sorted(range(len(val_set)), key=lambda i: len(val_set[i].input_ids))
     mine = order[run.dist.rank :: run.dist.world_size]
+    size = run.cfg.batch_size
+    # Under FSDP each forward is a collective (every layer's weights are gathered), so all
+    # processes run as many batches as process 0, which has the most rows; one with fewer rows
+    # scores a stand-in batch and discards it.
+    n_batches = math.ceil(len(order[:: run.dist.world_size]) / size)
     total = count = 0.0
-    for start in range(0, len(mine), run.cfg.batch_size):
-        rows = [val_set[i] for i in mine[start : start + run.cfg.batch_size]]
+    for start in range(0, n_batches * size, size):
+        share = mine[start : start + size]
+        rows = [val_set[i] for i in (share or order[:1])]
         batch = {k: v.to(run.device) for k, v in collate(rows, run.pad_id).items()}
         with run.autocast:
             loss_sum, n = run.loss(batch["input_ids"], batch["attention_mask"], batch["labels"])
-        total += float(loss_sum)
-        count += n
+        if share:
+            total += float(loss_sum)
+            count += n
     run.model.train()
     total, count = all_reduce_sums([total, count], run.device)
     return total / max(count, 1)
@@ -44,8 +51,7 @@ def evaluate_and_keep_best(run, val_set) -> dict:
     improved = best is None or val_loss < best
     if improved:
         run.state.best_val_loss = val_loss
-        if run.dist.is_main:
-            save_adapter(run.model, run.out / "best", **run.adapter_meta)
+        save_run_adapter(run, run.out / "best")
     note = " (best so far, saved to best/)" if improved else ""
     run.log(f"step {run.state.step}: val loss {val_loss:.4f}, perplexity {ppl:.2f}{note}")
     return {"val_loss": val_loss, "val_ppl": ppl}
