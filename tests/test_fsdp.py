@@ -89,10 +89,10 @@ def lab(tiny_models, tmp_path_factory):
     return tmp, models, data, run
 
 
-def steps(out):
-    """The per-step records of metrics.jsonl (the final evaluation has a line of its own)."""
+def records(out, key):
+    """Every value of `key` in metrics.jsonl (the final evaluation has a line of its own)."""
     lines = (out / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if "loss" in r]
+    return [r[key] for r in map(json.loads, lines) if key in r]
 
 
 @pytest.mark.parametrize(
@@ -108,14 +108,12 @@ def test_two_fsdp_processes_equal_one_process_with_the_same_global_batch(lab, ar
     assert p.stdout.count("adapter saved to") == 1  # gathered, written by process 0 alone
     assert_same_adapters(single, fsdp, atol=FP32_ATOL)
     assert_same_adapters(single / "best", fsdp / "best", atol=FP32_ATOL)
-    ours, theirs = steps(single), steps(fsdp)
-    assert len(ours) == len(theirs) == 6  # 3 windows per epoch, the third partial
-    for a, b in zip(ours, theirs, strict=True):
-        # The clipped norm is the global one although each process holds half of each gradient.
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
-        assert b["grad_norm"] > 1.0  # --max-grad-norm 1 clips: a wrong norm would show
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
-        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-5)  # 3 + 2 rows, summed
+    assert len(records(fsdp, "loss")) == 6  # 3 windows per epoch, the third partial
+    for key in ("loss", "grad_norm", "val_loss"):  # val_loss: 3 + 2 rows, summed over processes
+        assert records(fsdp, key) == pytest.approx(records(single, key), rel=1e-5), key
+    # The clipped norm is the global one although each process holds half of each gradient;
+    # --max-grad-norm 1 clips every step, so a wrong norm would change the adapter.
+    assert min(records(fsdp, "grad_norm")) > 1.0
     assert (single / "adapter_config.json").read_text() == (
         fsdp / "adapter_config.json"
     ).read_text()
