@@ -136,15 +136,17 @@ def test_fsdp_adapter_loads_in_peft_with_the_saved_values(lab):
         assert torch.equal(loaded[key], value)
 
 
-def test_bf16_under_fsdp_equals_bf16_under_ddp(lab):
-    """bf16 through FSDP2's policy (weights gathered in bf16, gradients reduced in fp32) computes
-    what DDP computes with autocast on the same per-process rows. (Against one process with
-    4-row batches, both differ by up to 0.02 on weights of 0.15: bf16 products of other shapes
-    round differently, and Adam turns those roundings into full steps on small gradients.)"""
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_16_bit_under_fsdp_equals_16_bit_under_ddp(lab, precision):
+    """bf16/fp16 through FSDP2's policy (weights gathered in 16 bits, gradients reduced in fp32;
+    fp16 with the sharded GradScaler) computes what DDP computes with autocast on the same
+    per-process rows. (Against one process with 4-row batches, both differ by up to 0.02 on
+    weights of 0.15: 16-bit products of other shapes round differently, and Adam turns those
+    roundings into full steps on small gradients.)"""
     _, _, _, run = lab
-    ddp, _ = run("ddp-bf16", "qwen2", ["--batch-size", "2", "--precision", "bf16"], nproc=2)
-    fsdp, _ = run("fsdp-bf16", "qwen2", FSDP + ["--precision", "bf16"], nproc=2)
-    assert_same_adapters(ddp, fsdp, atol=1e-6)  # measured: 1.5e-8
+    ddp, _ = run(f"ddp-{precision}", "qwen2", ["--batch-size", "2", "--precision", precision], 2)
+    fsdp, _ = run(f"fsdp-{precision}", "qwen2", FSDP + ["--precision", precision], nproc=2)
+    assert_same_adapters(ddp, fsdp, atol=1e-6)  # measured: bf16 1.5e-8, fp16 2.2e-8
 
 
 def test_resume_under_fsdp_equals_an_uninterrupted_fsdp_run(lab):
