@@ -260,6 +260,7 @@ def run_trl(spec, device):
     """TRL's recommended LoRA SFT on prompt/completion conversations (TRL 1.16 API)."""
     from datasets import Dataset
     from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     dataset = Dataset.from_list(spec["conversations"])
@@ -269,14 +270,17 @@ def run_trl(spec, device):
         completion_only_loss=True,
         packing=False,
         gradient_checkpointing=spec["grad_checkpointing"],
-        model_init_kwargs={
-            "dtype": torch.bfloat16 if device.type == "cuda" else torch.float32,
-            "attn_implementation": "sdpa",
-        },
         **shared_training_args(spec, device),
     )
+    # The model object, not its path: TRL picks the class from config.architectures, which a
+    # checkpoint converted from GGUF (../shared's real model) does not record.
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(
+        spec["model"], dtype=dtype, attn_implementation="sdpa"
+    )
     trainer = SFTTrainer(
-        model=spec["model"],
+        model=model,
+        processing_class=AutoTokenizer.from_pretrained(spec["model"]),
         args=args,
         train_dataset=dataset,
         peft_config=LoraConfig(

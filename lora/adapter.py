@@ -40,6 +40,7 @@ from .config import DEFAULT_TARGETS
 from .dora import MAGNITUDE, DoRALinear
 from .errors import UserError, with_path
 from .inject import apply_lora, lora_layers
+from .sharding import copy_full_, full_tensor
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -95,9 +96,13 @@ def lora_weights_by_key(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The LoRA tensors under PEFT key names, fp32, contiguous, on CPU."""
+    """The LoRA tensors under PEFT key names, fp32, contiguous, on CPU.
+
+    Under FSDP the weights are shards: gathering them is a collective, so every process must
+    call this (and only one then writes).
+    """
     return {
-        key: weight.detach().float().contiguous().cpu()
+        key: full_tensor(weight.detach()).float().contiguous().cpu()
         for key, weight in lora_weights_by_key(model).items()
     }
 
@@ -110,9 +115,16 @@ def model_shape(model: nn.Module) -> dict:
 
 
 def save_adapter(
-    model: nn.Module, out_dir, base_model_name_or_path: str = "", extra: dict | None = None
+    model: nn.Module,
+    out_dir,
+    base_model_name_or_path: str = "",
+    extra: dict | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write `adapter_model.safetensors` and `adapter_config.json` (PEFT format) into `out_dir`."""
+    """Write `adapter_model.safetensors` and `adapter_config.json` (PEFT format) into `out_dir`.
+
+    `tensors`: the model's `adapter_state_dict`, when already gathered (FSDP, see checkpoint.py).
+    """
     layers = lora_layers(model)
     if not layers:
         raise UserError("the model has no LoRA layers to save")
@@ -122,7 +134,9 @@ def save_adapter(
 
     atomic_write_bytes(
         out_dir / ADAPTER_WEIGHTS,
-        save_tensors(adapter_state_dict(model), metadata={"format": "pt"}),
+        save_tensors(
+            adapter_state_dict(model) if tensors is None else tensors, metadata={"format": "pt"}
+        ),
     )
 
     config = {
@@ -314,7 +328,7 @@ def load_adapter(model: nn.Module, adapter_dir, dropout: float | None = None) ->
             )
     with torch.no_grad():
         for key, weight in lora_weights_by_key(model).items():
-            weight.copy_(tensors[key].to(weight.device, weight.dtype))
+            copy_full_(weight, tensors[key])  # under FSDP each process keeps its shard
     return config
 
 

@@ -3,6 +3,8 @@
 A checkpoint directory `checkpoint-STEP/` holds
     adapter_model.safetensors, adapter_config.json   the adapter (PEFT format, loadable alone)
     training_state.pt      optimizer, scheduler and GradScaler state (tensors and numbers only)
+    optimizer/             --shard fsdp only: AdamW's state, one file of shards per process
+                           (torch.distributed.checkpoint); training_state.pt then has none
     rng_state_rank{R}.pt   each process's random generators (dropout masks continue the same)
     trainer_state.json     step, data position, and the run's identity (model, targets, rank...)
 
@@ -34,6 +36,7 @@ import torch
 from .adapter import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
+    adapter_state_dict,
     atomic_write_bytes,
     load_adapter,
     read_adapter_config,
@@ -42,9 +45,11 @@ from .adapter import (
 )
 from .distributed import barrier
 from .errors import UserError
+from .sharding import load_sharded_optimizer, save_sharded_optimizer
 
 STATE_FILE = "training_state.pt"
 TRAINER_STATE = "trainer_state.json"
+SHARDED_OPTIMIZER = "optimizer"  # a torch.distributed.checkpoint directory (--shard fsdp)
 REQUIRED_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, STATE_FILE, TRAINER_STATE)
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -67,11 +72,20 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _write_checkpoint_files(run, tmp: Path) -> None:
+def save_run_adapter(run, out_dir: Path) -> None:
+    """The run's adapter into `out_dir`, written by process 0. Every process must call this:
+    under FSDP each holds shards of the LoRA weights, and gathering them is a collective."""
+    tensors = adapter_state_dict(run.model)
+    if run.dist.is_main:
+        save_adapter(run.model, out_dir, tensors=tensors, **run.adapter_meta)
+
+
+def _write_checkpoint_files(run, tmp: Path, adapter: dict) -> None:
     """Main process: adapter, optimizer/scheduler/scaler state and the step into `tmp`."""
-    save_adapter(run.model, tmp, **run.adapter_meta)
+    save_adapter(run.model, tmp, tensors=adapter, **run.adapter_meta)
     state = {
-        "optimizer": run.optimizer.state_dict(),
+        # Under FSDP each process writes its own shards of AdamW's state (save_checkpoint).
+        "optimizer": None if run.sharded else run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),
         "scaler": run.scaler.state_dict() if run.scaler is not None else None,
     }
@@ -92,14 +106,17 @@ def save_checkpoint(run) -> Path:
     """Write `checkpoint-STEP/` atomically (all processes call this; each adds its RNG state)."""
     step = run.state.step
     tmp = tmp_dir_for(run.out, step)
+    adapter = adapter_state_dict(run.model)  # a collective under FSDP: before the main-only part
     try:
         if run.dist.is_main:
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
-            _write_checkpoint_files(run, tmp)
+            _write_checkpoint_files(run, tmp, adapter)
         barrier()
         save_torch(rng_state(), tmp / f"rng_state_rank{run.dist.rank}.pt")
+        if run.sharded:
+            save_sharded_optimizer(run, tmp / SHARDED_OPTIMIZER)
         barrier()
     except OSError:  # e.g. the disk is full: leave no half-written checkpoint behind
         shutil.rmtree(tmp, ignore_errors=True)
@@ -134,7 +151,16 @@ def resume_checkpoint(run, path: Path) -> dict:
         )
     load_adapter(run.model, path)
     opt_state, rng = load_checkpoint_state(path, run.dist.rank, run.device)
-    run.optimizer.load_state_dict(opt_state["optimizer"])
+    if (opt_state["optimizer"] is None) != run.sharded:
+        raise UserError(
+            f"cannot resume from {path}: it was saved "
+            f"{'with' if opt_state['optimizer'] is None else 'without'} --shard fsdp; "
+            f"resume it the same way, or start over with --overwrite"
+        )
+    if run.sharded:
+        load_sharded_optimizer(run, path / SHARDED_OPTIMIZER)
+    else:
+        run.optimizer.load_state_dict(opt_state["optimizer"])
     run.scheduler.load_state_dict(opt_state["scheduler"])
     if run.scaler is not None and opt_state.get("scaler"):
         run.scaler.load_state_dict(opt_state["scaler"])
@@ -169,11 +195,14 @@ def checkpoint_problem(path: Path) -> str | None:
         read_trainer_state(path)
         read_adapter_config(path)
         read_adapter_tensors(path)
-        torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     except UserError as e:
         return str(e)
     except Exception as e:  # torch.load's errors for a truncated or garbled file vary
         return f"{STATE_FILE} is unreadable ({type(e).__name__}: {e})"
+    sharded = isinstance(state, dict) and state.get("optimizer", ...) is None
+    if sharded and not (path / SHARDED_OPTIMIZER / ".metadata").is_file():
+        return f"{SHARDED_OPTIMIZER}/.metadata missing (the sharded optimizer state)"
     return None
 
 

@@ -26,6 +26,7 @@ DEFAULT_RANK = 8
 DEFAULT_ALPHA = 16.0
 DEFAULT_DROPOUT = 0.05
 QUANTIZE_CHOICES = ("none", "nf4", "int8")  # the frozen base: as stored, 4-bit NF4, 8-bit (QLoRA)
+SHARD_CHOICES = ("ddp", "fsdp")  # under torchrun: whole model per process, or sharded (sharding.py)
 
 
 def _opt(default, help: str, group: str, **flag):
@@ -136,6 +137,17 @@ class TrainConfig:
     )
     grad_checkpointing: bool = _opt(
         False, "recompute activations in backward to save memory", "training"
+    )
+    shard: str = _opt(
+        "ddp",
+        "under torchrun: ddp = every process holds the whole model; fsdp = the model sharded across processes (FSDP2), for models bigger than one GPU",
+        "training",
+        choices=SHARD_CHOICES,
+    )
+    fsdp_offload: bool = _opt(
+        False,
+        "--shard fsdp: keep the weight shards in CPU memory, copied to the GPU layer by layer (largest models; slower)",
+        "training",
     )
     seed: int = _opt(42, "seed for shuffling, dropout and the validation split", "training")
     group_by_length: bool = _opt(
@@ -266,6 +278,7 @@ def check_config(cfg: TrainConfig) -> None:
     problems += _early_stop_problem(cfg)
     problems += _report_to_problem(cfg.report_to)
     problems += _data_problem(cfg.data)
+    problems += _combination_problems(cfg)
     if problems:
         raise UserError("; ".join(problems))
 
@@ -306,6 +319,7 @@ _RULES = [
     ("stop_after_steps", lambda v: _int(v) and v >= 1, "an integer >= 1"),
     ("loss_chunk", lambda v: _int(v) and v >= 1, "an integer >= 1"),
     ("early_stop", lambda v: _int(v) and v >= 0, "an integer >= 0 (0: off)"),
+    ("shard", lambda v: v in SHARD_CHOICES, " or ".join(SHARD_CHOICES)),
 ]
 
 
@@ -348,3 +362,16 @@ def _data_problem(spec) -> list[str]:
     except UserError as e:
         return [str(e)]
     return []
+
+
+def _combination_problems(cfg) -> list[str]:
+    """Flags that are each valid but do not work together."""
+    problems = []
+    if cfg.shard == "fsdp" and cfg.quantize != "none":
+        problems.append(
+            f"--quantize {cfg.quantize} does not work with --shard fsdp (FSDP cannot shard "
+            f"bitsandbytes' packed weights): use --shard ddp, or no --quantize"
+        )
+    if cfg.fsdp_offload and cfg.shard != "fsdp":
+        problems.append("--fsdp-offload needs --shard fsdp")
+    return problems

@@ -12,14 +12,9 @@ import math
 
 import torch
 
-from .adapter import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    EXTRA_FILE,
-    atomic_write_bytes,
-    save_adapter,
-)
+from .adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXTRA_FILE, atomic_write_bytes
 from .batching import collate
+from .checkpoint import save_run_adapter
 from .distributed import all_reduce_sums
 
 BEST_DIR = "best"
@@ -31,14 +26,21 @@ def validation_loss(run, val_set) -> float:
     run.model.eval()
     order = sorted(range(len(val_set)), key=lambda i: len(val_set[i].input_ids))
     mine = order[run.dist.rank :: run.dist.world_size]
+    size = run.cfg.batch_size
+    # Under FSDP each forward is a collective (every layer's weights are gathered), so all
+    # processes run as many batches as process 0, which has the most rows; one with fewer rows
+    # scores a stand-in batch and discards it.
+    n_batches = math.ceil(len(order[:: run.dist.world_size]) / size)
     total = count = 0.0
-    for start in range(0, len(mine), run.cfg.batch_size):
-        rows = [val_set[i] for i in mine[start : start + run.cfg.batch_size]]
+    for start in range(0, n_batches * size, size):
+        share = mine[start : start + size]
+        rows = [val_set[i] for i in (share or order[:1])]
         batch = {k: v.to(run.device) for k, v in collate(rows, run.pad_id).items()}
         with run.autocast:
             loss_sum, n = run.loss(batch["input_ids"], batch["attention_mask"], batch["labels"])
-        total += float(loss_sum)
-        count += n
+        if share:
+            total += float(loss_sum)
+            count += n
     run.model.train()
     total, count = all_reduce_sums([total, count], run.device)
     return total / max(count, 1)
@@ -56,8 +58,7 @@ def evaluate_and_keep_best(run, val_set) -> dict:
     improved = state.best_val_loss is None or val_loss < state.best_val_loss
     if improved:
         state.best_val_loss, state.best_step, state.evals_since_best = val_loss, state.step, 0
-        if run.dist.is_main:
-            save_adapter(run.model, run.out / BEST_DIR, **run.adapter_meta)
+        save_run_adapter(run, run.out / BEST_DIR)  # every process: a gather under FSDP
     else:
         state.evals_since_best += 1
     note = " (best so far, saved to best/)" if improved else ""

@@ -180,7 +180,8 @@ def startup_summary(run, report, total_steps: int) -> list[str]:
     processes = f" × {info.world_size} processes" if info.enabled else ""
     return [
         f"device: {name}; precision: {run.precision} (LoRA weights and optimizer state fp32)"
-        + (f"; {info.world_size} processes (torchrun)" if info.enabled else ""),
+        + (f"; {info.world_size} processes (torchrun)" if info.enabled else "")
+        + (", model sharded (FSDP)" if run.sharded else ""),
         f"model: {cfg.model}",
         str(report),
         f"effective batch: {rows_per_step} rows ({cfg.batch_size} per process × {cfg.grad_accum} "

@@ -117,21 +117,26 @@ def load_model(
     return model
 
 
-def checkpoint_dtype(name_or_path: str, trust_remote_code: bool = False) -> torch.dtype:
-    """The dtype the checkpoint's weights are stored in, read from its config.json.
-
-    Read *before* loading: once a model is loaded in fp32, transformers reports fp32 as its
-    dtype, whatever the files hold. A config that names no dtype means fp32.
-    """
+def load_model_config(name_or_path: str, trust_remote_code: bool = False):
+    """The model's config.json alone (no weights): for checks that must come before loading."""
     local = _check_source(name_or_path)
     try:
-        config = AutoConfig.from_pretrained(
+        return AutoConfig.from_pretrained(
             name_or_path, trust_remote_code=trust_remote_code, local_files_only=local
         )
     except Exception as e:
         if local:
             raise UserError(f"could not read the config of {name_or_path}: {e}") from None
         raise _hub_error(name_or_path, e) from None
+
+
+def checkpoint_dtype(name_or_path: str, trust_remote_code: bool = False) -> torch.dtype:
+    """The dtype the checkpoint's weights are stored in, read from its config.json.
+
+    Read *before* loading: once a model is loaded in fp32, transformers reports fp32 as its
+    dtype, whatever the files hold. A config that names no dtype means fp32.
+    """
+    config = load_model_config(name_or_path, trust_remote_code)
     value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(value, str):
         value = getattr(torch, value, None)

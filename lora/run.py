@@ -6,7 +6,7 @@ torchrun, the output directory and the progress so far (`RunState`). Helpers tak
 instead of long argument lists, and `trainer.py` reads as the pseudo-code in its docstring.
 
 `setup` does, in order: tokenizer and data (the cheap part that fails most often, first),
-model + LoRA injection + freezing, optimizer and schedule, DDP under torchrun, resuming from a
+model + LoRA injection + freezing, DDP or FSDP under torchrun, optimizer and schedule, resuming from a
 checkpoint, the startup summary, `train_args.json` and `metrics.jsonl`.
 """
 
@@ -26,7 +26,7 @@ from .checkpoint import resume_checkpoint
 from .config import TrainConfig
 from .cost import estimate, estimate_lines
 from .data import write_rows
-from .distributed import DistInfo, barrier, shard_rows, wrap_for_data_parallel
+from .distributed import DistInfo, barrier, shard_rows
 from .errors import UserError
 from .inject import apply_lora, lora_parameters
 from .lora_plus import check_lora_plus_ratio, optimizer_param_groups
@@ -34,12 +34,13 @@ from .loss import CausalLMLoss
 from .metrics import MetricsLog, startup_summary
 from .mixture import Mixture, parse_data
 from .model import load_model, load_tokenizer
-from .precision import DTYPES, autocast_for, grad_scaler_for
+from .precision import DTYPES, autocast_for
 from .prepare import prepare_data
 from .prompt import PromptFormat, resolve_template, stop_token_ids
 from .quantize import quantization_config
 from .rundir import HELDOUT, METRICS, RunDirPlan, RunRecord, clean_run_dir, write_train_args
 from .schedule import warmup_cosine, warmup_steps
+from .sharding import grad_scaler, model_load_device, wrap_for_training
 from .tracking import open_tracker
 
 
@@ -67,7 +68,7 @@ class Run:
     tokenizer: object
     model: torch.nn.Module
     loss: CausalLMLoss  # decoder + supervised-only loss: (loss sum, token count)
-    forward: torch.nn.Module  # `loss`, wrapped in DDP under torchrun
+    forward: torch.nn.Module  # `loss`, wrapped in DDP or sharded by FSDP under torchrun
     params: list
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
@@ -85,6 +86,11 @@ class Run:
     last_loss: float | None = None  # of the last finite step
     bad_steps: int = 0  # non-finite steps in a row
     started: float = 0.0  # time.perf_counter() when train() began (the summary's wall time)
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP: each process holds a shard of every weight (see sharding.py)."""
+        return self.cfg.shard == "fsdp" and self.dist.enabled
 
     @property
     def pad_id(self) -> int:
@@ -131,17 +137,19 @@ def setup(cfg: TrainConfig, plan: RunDirPlan, dist: DistInfo, device, precision:
     fmt = PromptFormat(resolve_template(tokenizer, cfg.template), cfg.system, cfg.enable_thinking)
     train_set, val_set, data_summary = prepare_data(cfg, tokenizer, fmt, log)
     val_rows = data_summary.pop("val_rows", None)  # too long for train_args.json on big sets
-    model, report = load_model_with_lora(cfg, device, precision)
-    params = lora_parameters(model)
+    model, report = load_model_with_lora(cfg, model_load_device(cfg, device), precision)
+    loss = CausalLMLoss(model, cfg.loss_chunk)
+    forward = wrap_for_training(loss, cfg, dist, device, precision)  # before the optimizer: FSDP
+    params = lora_parameters(model)  # replaces each parameter by its shard
     groups = optimizer_param_groups(model, cfg.lr, cfg.lora_plus_ratio)  # one, or A and B (LoRA+)
     optimizer = torch.optim.AdamW(
-        groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda"
+        groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=params[0].device.type == "cuda"
     )
-    loss = CausalLMLoss(model, cfg.loss_chunk)
     run = Run(
         cfg=cfg, dist=dist, device=device, precision=precision, out=out, log=log,
-        tokenizer=tokenizer, model=model, loss=loss, forward=wrap_for_data_parallel(loss, device, dist),
-        params=params, optimizer=optimizer, scaler=grad_scaler_for(precision, device),
+        tokenizer=tokenizer, model=model, loss=loss, forward=forward,
+        params=params, optimizer=optimizer,
+        scaler=grad_scaler(precision, device, sharded=cfg.shard == "fsdp" and dist.enabled),
         autocast=autocast_for(precision, device), train_set=train_set, val_set=val_set,
         lengths=train_set.lengths.tolist(),
         adapter_meta={"base_model_name_or_path": cfg.model, "extra": {
@@ -257,6 +265,7 @@ def run_identity(run: Run) -> dict:
         "model", "targets", "rank", "alpha", "dropout", "rslora", "template", "system",
         "enable_thinking", "max_len", "lr", "warmup", "weight_decay", "max_grad_norm",
         "batch_size", "grad_accum", "group_by_length", "seed", "quantize", "lora_plus_ratio", "dora",
+        "shard",
     )  # fmt: skip
     return {name: getattr(cfg, name) for name in names} | {
         "world_size": run.dist.world_size,

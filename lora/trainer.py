@@ -21,15 +21,13 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from .adapter import save_adapter
 from .batching import training_windows
-from .checkpoint import save_checkpoint
+from .checkpoint import save_checkpoint, save_run_adapter
 from .config import TrainConfig, check_config
 from .cost import summary, summary_lines
 from .distributed import (
@@ -47,6 +45,7 @@ from .metrics import ProgressBar, plot_loss
 from .precision import out_of_memory_advice, pick_device, resolve_precision
 from .run import Run, setup
 from .rundir import HELDOUT, LOSS_PLOT, prepare_run_dir, run_dir_lock, write_train_args
+from .sharding import check_sharding, deferred_gradient_sync, full_tensor
 from .tracking import check_backends
 
 MAX_BAD_STEPS = 3  # non-finite updates in a row that mean the run diverged
@@ -82,6 +81,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         device = torch.device("cuda", dist.local_rank)
     out = Path(cfg.output)
     try:
+        check_sharding(cfg, dist)
         with run_dir_lock(out, enabled=dist.is_main):
             plan = prepare_run_dir(out, cfg, dist)
             if plan.finished_steps is not None:
@@ -182,12 +182,10 @@ def backward_window(run: Run, micro_batches: list[dict]) -> tuple[float, float]:
     last = len(micro_batches) - 1
     for k, batch in enumerate(micro_batches):
         batch = {key: v.to(device, non_blocking=True) for key, v in batch.items()}
-        # Under DDP, gradients are exchanged only after the window's last micro-batch.
-        sync = forward.no_sync() if world_size > 1 and k < last else nullcontext()
-        with sync:
+        with deferred_gradient_sync(forward, run.dist, last=k == last):
             with run.autocast:
                 loss_sum, _ = forward(batch["input_ids"], batch["attention_mask"], batch["labels"])
-            # DDP averages gradients over processes; × world_size turns that into a sum.
+            # DDP and FSDP average gradients over processes; × world_size turns that into a sum.
             scaled = loss_sum * (world_size / n_window)
             (scaler.scale(scaled) if scaler else scaled).backward()
         loss_sum_total += loss_sum.detach()
@@ -217,7 +215,8 @@ def optimizer_step(run: Run, loss: float) -> tuple[float, float]:
     if run.scaler:
         run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the scaled ones
     max_norm = run.cfg.max_grad_norm if run.cfg.max_grad_norm > 0 else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params, max_norm))
+    # Under FSDP the gradients are shards (DTensors): the norm comes back as the global one.
+    grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(run.params, max_norm)))
     outcome = step_outcome(loss, grad_norm, scale)
     if outcome == "update":
         if run.scaler:
@@ -304,8 +303,8 @@ def finish(run: Run) -> TrainResult:
         val_loss = evaluate(run)
     if run.cfg.early_stop and run.state.best_step is not None:
         val_loss = run.state.best_val_loss
+    save_run_adapter(run, run.out)  # every process: a gather under FSDP
     if run.dist.is_main:
-        save_adapter(run.model, run.out, **run.adapter_meta)
         if run.cfg.early_stop and run.state.best_step is not None:
             use_best_adapter(run)
             run.log(early_stop_message(run))
