@@ -89,7 +89,7 @@ def params_mb(model, trainable: bool) -> float:
 def breakdown(spec) -> dict:
     from lora.inject import apply_lora, lora_parameters
     from lora.loss import count_supervised, supervised_loss_sum
-    from lora.model import load_model
+    from lora.model import enable_activation_checkpointing, load_model
 
     meter = Meter()
     batches = windows(spec)
@@ -101,7 +101,7 @@ def breakdown(spec) -> dict:
     before = meter.phase()
     apply_lora(model, "q_proj,v_proj", 8, 16, 0.0, False)
     if spec["grad_checkpointing"]:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     model.train()
     params = lora_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=spec["lr"])

@@ -33,7 +33,7 @@ from .lora_plus import check_lora_plus_ratio, optimizer_param_groups
 from .loss import CausalLMLoss
 from .metrics import MetricsLog, startup_summary
 from .mixture import Mixture, parse_data
-from .model import load_model, load_tokenizer
+from .model import enable_activation_checkpointing, load_model, load_tokenizer
 from .precision import DTYPES, autocast_for
 from .prepare import prepare_data
 from .prompt import PromptFormat, resolve_template, stop_token_ids
@@ -217,9 +217,7 @@ def load_model_with_lora(cfg: TrainConfig, device, precision: str):
         model, cfg.targets, cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora, use_dora=cfg.dora
     )
     if cfg.grad_checkpointing:
-        # use_reentrant=False: the re-entrant variant drops gradients of inputs that do not
-        # require grad, which would leave every LoRA gradient at zero behind a frozen embedding.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     model.train()
     return model, report
 

@@ -18,7 +18,7 @@ from lora.data import Sample, Turn
 from lora.errors import UserError
 from lora.inject import apply_lora, lora_disabled, lora_layers, lora_parameters
 from lora.loss import CausalLMLoss
-from lora.model import load_model, load_tokenizer
+from lora.model import enable_activation_checkpointing, load_model, load_tokenizer
 from lora.prompt import PromptFormat, encode_sample
 from lora.quantize import check_quantize, dequantized_weight, quantization_config
 from lora.trainer import TrainConfig, train
@@ -115,7 +115,7 @@ def test_gradient_checkpointing_on_an_nf4_base_keeps_lora_gradients_exact(rich_d
     model = with_random_adapter(quantized(rich_dir))
     model.train()
     plain = lora_gradients(model, batch)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model)
     checkpointed = lora_gradients(model, batch)
     assert all(g.abs().sum() > 0 for g in checkpointed)
     for a, b in zip(plain, checkpointed):
