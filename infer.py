@@ -18,6 +18,7 @@ from pathlib import Path
 
 from lora.config import QUANTIZE_CHOICES
 from lora.errors import UserError, os_error_line
+from lora.sampling import GenerationSettings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,12 +116,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --inspect: read only the adapter file (fast; no ‖W0‖, no amplification)",
     )
     g = p.add_argument_group("generation")
-    g.add_argument("--max-new-tokens", type=int, default=256)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
+    d = GenerationSettings()  # the one place these defaults live
+    g.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=d.max_new_tokens,
+        help="stop after this many new tokens (an answer cut there is flagged)",
+    )
+    g.add_argument(
+        "--temperature", type=float, default=d.temperature, help="0 = greedy; > 0 samples"
+    )
+    g.add_argument(
+        "--top-p",
+        type=float,
+        default=d.top_p,
+        help="with --temperature: sample from the smallest set of tokens whose probabilities sum to this",
+    )
+    g.add_argument(
+        "--top-k",
+        type=int,
+        default=d.top_k,
+        help="with --temperature: sample from the k most likely tokens (0 = off)",
+    )
+    g.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=d.repetition_penalty,
+        help="> 1 discourages repeating tokens (1 = off)",
+    )
+    g.add_argument("--seed", type=int, default=0, help="random seed for sampling")
     g.add_argument(
         "--batch-size", type=int, default=8, help="questions per generate call with --file"
     )
@@ -138,7 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="load the base in 4-bit NF4 or 8-bit (QLoRA; needs bitsandbytes); --export and "
         "--merge always use the unquantized checkpoint",
     )
-    g.add_argument("--trust-remote-code", action="store_true")
+    g.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow model code from the checkpoint (off: only transformers' own code runs)",
+    )
     return p
 
 

@@ -24,27 +24,8 @@ from .model import checkpoint_dtype, load_model, load_tokenizer
 from .precision import inference_dtype, pick_device
 from .prompt import PromptFormat, encode_prompt, split_reasoning, stop_token_ids
 from .quantize import quantization_config
+from .sampling import GenerationSettings  # noqa: F401  (re-exported: generate's settings)
 from .serving import carry_prompt
-
-
-@dataclass
-class GenerationSettings:
-    max_new_tokens: int = 256
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-
-    def kwargs(self) -> dict:
-        if self.temperature and self.temperature > 0:
-            args = {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
-            if self.top_k:
-                args["top_k"] = self.top_k
-        else:
-            args = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        if self.repetition_penalty != 1.0:
-            args["repetition_penalty"] = self.repetition_penalty
-        return {"max_new_tokens": self.max_new_tokens, **args}
 
 
 @dataclass

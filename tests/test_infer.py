@@ -205,3 +205,17 @@ def test_export_that_fails_mid_write_leaves_no_half_written_directory(
     with pytest.raises(OSError):
         export_merged(adapter, target, log=lambda *a: None)
     assert not target.exists() and list((tmp_path / "exports").iterdir()) == []
+
+
+def test_every_generation_flag_has_help_and_the_settings_default():
+    from dataclasses import asdict
+
+    import infer
+    from lora.sampling import GenerationSettings
+
+    parser = infer.build_parser()
+    for name, value in asdict(GenerationSettings()).items():
+        assert parser.get_default(name) == value, name
+    group = next(g for g in parser._action_groups if g.title == "generation")
+    for action in group._group_actions:
+        assert action.help, action.option_strings
