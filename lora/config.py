@@ -276,8 +276,11 @@ def check_config(cfg: TrainConfig) -> None:
     ]
     problems += _val_size_problem(cfg.val_size)
     problems += _early_stop_problem(cfg)
-    problems += _report_to_problem(cfg.report_to)
-    problems += _data_problem(cfg.data)
+    from .mixture import parse_data
+    from .tracking import parse_report_to
+
+    problems += _parse_problem(parse_report_to, cfg.report_to)
+    problems += _parse_problem(parse_data, cfg.data)
     problems += _combination_problems(cfg)
     if problems:
         raise UserError("; ".join(problems))
@@ -344,21 +347,11 @@ def _early_stop_problem(cfg) -> list[str]:
     return []
 
 
-def _report_to_problem(spec) -> list[str]:
-    from .tracking import parse_report_to  # imports no tracker, only checks the names
-
+def _parse_problem(parse, spec) -> list[str]:
+    """What a flag's own parser (tracker names, data files and weights) says is wrong with it;
+    the parsers read nothing and import no tracker, so this is cheap."""
     try:
-        parse_report_to(spec)
-    except UserError as e:
-        return [str(e)]
-    return []
-
-
-def _data_problem(spec) -> list[str]:
-    from .mixture import parse_data  # file names and weights only; nothing is read yet
-
-    try:
-        parse_data(spec)
+        parse(spec)
     except UserError as e:
         return [str(e)]
     return []
