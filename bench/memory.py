@@ -156,8 +156,14 @@ def notes(m: dict) -> str:
     if m["load_transient_mb"] > 0.1 * m["weights_param_bytes_mb"]:
         said.append(
             f"loading peaks {m['load_transient_mb']:.0f} MB higher than it ends: a transient copy "
-            f"(transformers keeps the checkpoint file memory-mapped while it converts each tensor "
-            f"to fp32, so the bf16 pages it has read count in RSS until the file is closed)"
+            f"(the checkpoint file stays memory-mapped while each tensor is converted to fp32, "
+            f"so the bf16 pages read count in RSS until the file is closed)"
+        )
+    else:
+        said.append(
+            f"loading peaks only {m['load_transient_mb']:.0f} MB above its end: lora/model.py "
+            f"reads the checkpoint a tensor at a time (pread) instead of keeping the whole bf16 "
+            f"file mapped while converting it to fp32"
         )
     return "; ".join(said) + "."
 
