@@ -29,8 +29,9 @@ def validation_loss(run, val_set) -> float:
     size = run.cfg.batch_size
     # Under FSDP each forward is a collective (every layer's weights are gathered), so all
     # processes run as many batches as process 0, which has the most rows; one with fewer rows
-    # scores a stand-in batch and discards it.
-    n_batches = math.ceil(len(order[:: run.dist.world_size]) / size)
+    # scores a stand-in batch and discards it. Under DDP forwards are independent.
+    most = len(order[:: run.dist.world_size]) if run.sharded else len(mine)
+    n_batches = math.ceil(most / size)
     total = count = 0.0
     for start in range(0, n_batches * size, size):
         share = mine[start : start + size]

@@ -1,12 +1,16 @@
 """torchrun (DDP, gloo on CPU): 2 processes give the adapter of 1 process with the same global batch."""
 
-import os
-import subprocess
-import sys
+import json
 
 import pytest
 
-from conftest import ROOT, assert_same_adapters, overfit_rows, write_json
+from conftest import (
+    assert_same_adapters,
+    ctrl_c_under_torchrun,
+    overfit_rows,
+    train_cli,
+    write_json,
+)
 
 COMMON = [
     "--targets",
@@ -31,29 +35,8 @@ COMMON = [
 ]
 
 
-def torchrun(nproc: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-    ]
-
-
 def run(args, nproc=None):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    launcher = torchrun(nproc) if nproc else [sys.executable]
-    p = subprocess.run(
-        launcher + [str(ROOT / "train.py"), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=600,
-    )
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
-    return p
+    return train_cli(args, nproc)
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +58,51 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(setup):
     assert_same_adapters(tmp / "single", tmp / "ddp", atol=1e-5)
 
 
+def test_validation_under_torchrun_scores_every_held_out_row_once(setup):
+    """5 held-out rows split 3 / 2: process 1 runs one batch fewer (no stand-in under DDP), and
+    the summed loss is the single process's."""
+    tmp, args = setup
+    val = ["--val-size", "5", "--eval-every", "2"]
+    single = tmp / "val-single"
+    run([*args, *val, "--output", single, "--batch-size", "4"])
+    run([*args, *val, "--output", tmp / "val-ddp", "--batch-size", "2"], nproc=2)
+    assert len(val_losses(single)) == 2
+    assert val_losses(tmp / "val-ddp") == pytest.approx(val_losses(single), rel=1e-5)
+
+
+@pytest.mark.parametrize("sharded, batches", [(False, 1), (True, 2)])
+def test_a_process_with_fewer_held_out_rows_runs_a_stand_in_batch_only_under_fsdp(sharded, batches):
+    """Process 1 of 2 holds 2 of the 5 held-out rows (batch 2). Under FSDP every forward is a
+    collective, so it also scores a stand-in batch to match process 0's 2 batches, and discards
+    it; under DDP it runs its own batch only. Either way only its own rows are counted."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from lora.distributed import DistInfo
+    from lora.evaluate import validation_loss
+
+    rows = [SimpleNamespace(input_ids=[1] * n, labels=[1] * n) for n in (3, 4, 5, 6, 7)]
+    calls = []
+
+    def loss(input_ids, attention_mask, labels):  # every token of a row of n tokens loses n
+        calls.append(input_ids.shape[0])
+        lengths = attention_mask.sum(dim=1)
+        return (lengths**2).sum().float(), int(lengths.sum())
+
+    run = SimpleNamespace(model=torch.nn.Identity(), dist=DistInfo(rank=1, world_size=2),
+                          cfg=SimpleNamespace(batch_size=2), pad_id=0, device="cpu",
+                          autocast=torch.autocast("cpu", enabled=False), loss=loss,
+                          sharded=sharded)  # fmt: skip
+    assert validation_loss(run, rows) == (4 * 4 + 6 * 6) / (4 + 6)  # its rows; no stand-in
+    assert len(calls) == batches
+
+
+def val_losses(out):
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [r["val_loss"] for r in map(json.loads, lines) if "val_loss" in r]
+
+
 def test_resume_under_torchrun_equals_an_uninterrupted_torchrun_run(setup):
     tmp, args = setup
     if not (tmp / "ddp").is_dir():
@@ -87,55 +115,13 @@ def test_resume_under_torchrun_equals_an_uninterrupted_torchrun_run(setup):
 
 
 def test_ctrl_c_under_torchrun_saves_once_and_resumes(setup):
-    """Ctrl-C in a terminal signals the whole process group: torchrun and both workers."""
-    import signal
-    import time
-
     tmp, args = setup
     out = tmp / "ddp-interrupted"
-    long_args = args + ["--max-steps", "100000"]  # the last --max-steps wins
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(
-        [
-            *torchrun(2),
-            str(ROOT / "train.py"),
-            *long_args,
-            "--output",
-            str(out),
-            "--batch-size",
-            "2",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    deadline = time.time() + 300
-    while not (out / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=300)
-    checkpoints = list(out.glob("checkpoint-*"))
-    assert len(checkpoints) == 1, stdout + stderr[-3000:]
-    assert stdout.count("interrupted: saved") == 1
-    assert (checkpoints[0] / "rng_state_rank0.pt").is_file() and (
-        checkpoints[0] / "rng_state_rank1.pt"
-    ).is_file()
-    assert "KeyboardInterrupt" not in stderr
-    step = int(checkpoints[0].name.split("-")[1])
-    run(
-        args
-        + [
-            "--output",
-            str(out),
-            "--batch-size",
-            "2",
-            "--resume",
-            "auto",
-            "--max-steps",
-            str(step + 1),
-        ],
-        nproc=2,
-    )
+    long_args = args + ["--max-steps", "100000", "--batch-size", "2"]  # the last flag wins
+    _, _, checkpoint = ctrl_c_under_torchrun(long_args, out)
+    assert (checkpoint / "rng_state_rank0.pt").is_file()
+    assert (checkpoint / "rng_state_rank1.pt").is_file()
+    step = int(checkpoint.name.split("-")[1])
+    more = ["--batch-size", "2", "--resume", "auto", "--max-steps", str(step + 1)]
+    run([*args, *more, "--output", str(out)], nproc=2)
+    assert (out / "adapter_model.safetensors").is_file()
