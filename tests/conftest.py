@@ -137,6 +137,51 @@ def run_script(script: str, *args, **kw) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, env=env, cwd=ROOT, **kw)  # fmt: skip
 
 
+# torchrun (gloo on CPU, one thread per process: two processes share the two cores)
+
+
+def torchrun(nproc: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={nproc}"]  # fmt: skip
+
+
+def train_cli(args, nproc=None, ok=True) -> subprocess.CompletedProcess:
+    """`train.py ARGS`, under `torchrun --nproc_per_node=NPROC` when given; must succeed if ok."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    launcher = torchrun(nproc) if nproc else [sys.executable]
+    p = subprocess.run([*launcher, str(ROOT / "train.py"), *map(str, args)], capture_output=True,
+                       text=True, env=env, cwd=ROOT, timeout=600)  # fmt: skip
+    if ok:
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    return p
+
+
+def ctrl_c_under_torchrun(args, out: Path, nproc: int = 2) -> tuple[str, str, Path]:
+    """Start `torchrun train.py ARGS --output OUT` in its own process group and, once the first
+    step is logged, send SIGINT to the whole group, as Ctrl-C in a terminal does (torchrun and
+    every worker get it). Asserts one checkpoint was saved once, without a traceback;
+    returns (stdout, stderr, that checkpoint)."""
+    import signal
+    import time
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [*torchrun(nproc), str(ROOT / "train.py"), *map(str, args), "--output", str(out)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    deadline = time.time() + 300
+    while not (out / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=300)
+    checkpoints = list(out.glob("checkpoint-*"))
+    assert len(checkpoints) == 1, stdout + stderr[-3000:]
+    assert stdout.count("interrupted: saved") == 1
+    assert "KeyboardInterrupt" not in stderr
+    return stdout, stderr, checkpoints[0]
+
+
 def single_process_run(model, autocast=None, scaler=None):
     """The few parts of a `Run` that `trainer.backward_window` reads, for a model on the CPU."""
     from types import SimpleNamespace

@@ -8,18 +8,18 @@ leave some tensors without influence on the loss).
 """
 
 import json
-import math
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
-from test_distributed import torchrun
 
-from conftest import ROOT, assert_same_adapters, overfit_rows, write_json
+from conftest import (
+    assert_same_adapters,
+    ctrl_c_under_torchrun,
+    overfit_rows,
+    redraw,
+    train_cli,
+    write_json,
+)
 
 # fp32: the same sums in another order. Measured: ≤ 6e-7 on weights up to 0.15.
 FP32_ATOL = 1e-5
@@ -37,18 +37,7 @@ def redraw_weights(src, dst, tied: bool):
 
     config = AutoConfig.from_pretrained(src)
     config.tie_word_embeddings = tied
-    torch.manual_seed(1)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-            elif name.endswith("bias"):
-                p.normal_(0, 0.5)
-            elif "embed" in name:
-                p.normal_(0, 0.3)
-            else:
-                p.normal_(0, 1.5 / math.sqrt(p.shape[1]))
+    model = redraw(AutoModelForCausalLM.from_config(config), seed=1)
     model.save_pretrained(dst)
     for f in src.iterdir():  # tokenizer, chat template, generation config
         if not (dst / f.name).exists():
@@ -57,13 +46,7 @@ def redraw_weights(src, dst, tied: bool):
 
 
 def train(args, nproc=None, ok=True):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    launcher = torchrun(nproc) if nproc else [sys.executable]
-    p = subprocess.run([*launcher, str(ROOT / "train.py"), *args], capture_output=True,
-                       text=True, env=env, cwd=ROOT, timeout=600)  # fmt: skip
-    if ok:
-        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
-    return p
+    return train_cli(args, nproc, ok)
 
 
 @pytest.fixture(scope="module")
@@ -174,27 +157,12 @@ def test_an_fsdp_checkpoint_resumed_by_another_number_of_processes_is_refused(la
 
 
 def test_ctrl_c_under_fsdp_saves_once_and_resumes(lab):
-    """Ctrl-C in a terminal signals the whole process group: torchrun and both workers."""
     tmp, models, data, _ = lab
     out = tmp / "fsdp-interrupted"
     args = ["--model", str(models["qwen2"]), "--data", str(data), *COMMON, *FSDP]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(
-        [*torchrun(2), str(ROOT / "train.py"), *args, "--epochs", "100000", "--output", str(out)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,
-    )  # fmt: skip
-    deadline = time.time() + 300
-    while not (out / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=300)
-    checkpoints = list(out.glob("checkpoint-*"))
-    assert len(checkpoints) == 1, stdout + stderr[-3000:]
-    assert stdout.count("interrupted: saved") == 1
-    assert (checkpoints[0] / "optimizer" / "__1_0.distcp").is_file()
-    assert "KeyboardInterrupt" not in stderr
-    step = int(checkpoints[0].name.split("-")[1])
+    _, _, checkpoint = ctrl_c_under_torchrun([*args, "--epochs", "100000"], out)
+    assert (checkpoint / "optimizer" / "__1_0.distcp").is_file()
+    step = int(checkpoint.name.split("-")[1])
     more = ["--epochs", "100000", "--max-steps", str(step + 1), "--resume", "auto"]
     train([*args, *more, "--output", str(out)], nproc=2)
     assert (out / "adapter_model.safetensors").is_file()
