@@ -74,6 +74,29 @@ def cpu_seconds() -> float:
 # Children: one measurement each, printed as one JSON line
 
 
+class Start:
+    """Clocks and memory at the start of one measurement; `measured` reports from there."""
+
+    def __init__(self):
+        reset_peak_rss()
+        self.rss, self.cpu, self.wall = rss_mb(), cpu_seconds(), time.perf_counter()
+
+    def measured(self, rows: int, train_rows: int, tokens: int) -> dict:
+        seconds, cpu = time.perf_counter() - self.wall, cpu_seconds() - self.cpu
+        return {
+            "rows": rows,
+            "train_rows": train_rows,
+            "tokens": tokens,
+            "seconds": round(seconds, 2),
+            "rows_per_s": round(rows / seconds),
+            "cpu_seconds": round(cpu, 2),
+            "rows_per_cpu_s": round(rows / max(cpu, 1e-9)),
+            "rss_before_mb": round(self.rss),
+            "peak_added_mb": round(peak_rss_mb() - self.rss),
+            "rss_after_mb": round(rss_mb()),
+        }
+
+
 def child_prepare(data: str, columns: str | None, cache_dir: str | None) -> dict:
     from transformers import AutoTokenizer
 
@@ -85,22 +108,10 @@ def child_prepare(data: str, columns: str | None, cache_dir: str | None) -> dict
     cfg = TrainConfig(
         data=data, columns=columns, cache=bool(cache_dir), cache_dir=cache_dir, progress=False
     )
-    reset_peak_rss()
-    before, cpu0, t0 = rss_mb(), cpu_seconds(), time.perf_counter()
+    start = Start()
     train, _, summary = prepare_data(cfg, tok, PromptFormat("chat"), lambda *a: None)
-    seconds = time.perf_counter() - t0
     rows = summary["train_files"][0]["rows_read"]
-    return {
-        "rows": rows,
-        "train_rows": len(train),
-        "tokens": int(train.lengths.sum()),
-        "seconds": round(seconds, 2),
-        "rows_per_s": round(rows / seconds),
-        "cpu_seconds": round(cpu_seconds() - cpu0, 2),
-        "rows_per_cpu_s": round(rows / max(cpu_seconds() - cpu0, 1e-9)),
-        "rss_before_mb": round(before),
-        "peak_added_mb": round(peak_rss_mb() - before),
-        "rss_after_mb": round(rss_mb()),
+    return start.measured(rows, len(train), int(train.lengths.sum())) | {
         # Workers are forked: their RSS counts pages shared with the parent.
         "largest_worker_rss_mb": round(
             resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
@@ -181,24 +192,11 @@ def child_trl(data: str) -> dict:
         )
         warm = Dataset.from_list(trl_rows(HUATUO)[:1])
         trainer = SFTTrainer(model=str(model), args=args, train_dataset=warm, processing_class=tok)
-        reset_peak_rss()
-        before, cpu0, t0 = rss_mb(), cpu_seconds(), time.perf_counter()
+        start = Start()
         dataset = Dataset.from_list(trl_rows(Path(data)))
         prepared = trainer._prepare_dataset(dataset, tok, args, False, None, "train")
-        seconds = time.perf_counter() - t0
-        rows = len(dataset)
-        return {
-            "rows": rows,
-            "train_rows": len(prepared),
-            "tokens": int(sum(len(x) for x in prepared["input_ids"])),
-            "seconds": round(seconds, 2),
-            "rows_per_s": round(rows / seconds),
-            "cpu_seconds": round(cpu_seconds() - cpu0, 2),
-            "rows_per_cpu_s": round(rows / max(cpu_seconds() - cpu0, 1e-9)),
-            "rss_before_mb": round(before),
-            "peak_added_mb": round(peak_rss_mb() - before),
-            "rss_after_mb": round(rss_mb()),
-        }
+        tokens = int(sum(len(x) for x in prepared["input_ids"]))
+        return start.measured(len(dataset), len(prepared), tokens)
 
 
 def run_child(*args) -> dict:
@@ -344,7 +342,7 @@ def main() -> int:
 def write_results(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"data-prep-{results['date']}"
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    write_atomic(stem.with_suffix(".json"), json.dumps(results, indent=2) + "\n")
     h, c = results["throughput_huatuo"], results["throughput_csv"]
     k = results["tokenizer_only_huatuo"]
     b, m = results["memory_synthetic_build"], results["memory_synthetic_cached"]
@@ -379,8 +377,15 @@ def write_results(results: dict, out: Path) -> None:
         "",
         f"Command: `{results.get('command', 'python bench/data_prep.py')}`",
     ]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_atomic(stem.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """A temporary name first, then rename: an interrupted run leaves no half-written file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
 
 
 def trl_lines(results: dict) -> list[str]:
