@@ -298,11 +298,45 @@ def run_trl(spec, device):
     return probe.result(trainer, trainer.model)
 
 
+def run_contender(name, spec, device) -> dict:
+    if name == "ours":
+        return run_ours(spec, device)
+    if name == "trl":
+        return run_trl(spec, device)
+    return run_peft_trainer(spec, device, pad_to_max=name == "tutorial")
+
+
+def profiled(name, spec, device, out: Path) -> dict:
+    """The contender under torch.profiler (CPU ops): where its time goes, op by op.
+
+    The profile spans the whole process after start-up: loading, every step, and the held-out
+    loss (cut to one row here); `step_s` says how much of it is training. Self time: an op's own
+    time, without the ops it calls, so the rows add up to the total.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    spec = spec | {"heldout": spec["heldout"][:1]}
+    t = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        result = run_contender(name, spec, device)
+    wall = time.perf_counter() - t
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    ops = [
+        {"op": e.key, "calls": e.count, "self_cpu_s": e.self_cpu_time_total / 1e6}
+        for e in events
+        if e.self_cpu_time_total > 0
+    ]
+    summary = {"wall_s": wall, "step_s": sum(result["step_times"]), "ops": ops}
+    out.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("name", choices=["ours", "peft-trainer", "tutorial", "trl"])
     parser.add_argument("--spec", required=True)
     parser.add_argument("--result", required=True)
+    parser.add_argument("--profile", help="also write torch.profiler's top ops here (JSON)")
     args = parser.parse_args()
     spec = json.loads(Path(args.spec).read_text(encoding="utf-8"))
     torch.manual_seed(spec["seed"])
@@ -312,12 +346,10 @@ def main() -> int:
     )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    if args.name == "ours":
-        result = run_ours(spec, device)
-    elif args.name == "trl":
-        result = run_trl(spec, device)
+    if args.profile:
+        result = profiled(args.name, spec, device, Path(args.profile))
     else:
-        result = run_peft_trainer(spec, device, pad_to_max=args.name == "tutorial")
+        result = run_contender(args.name, spec, device)
     result["device"] = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     Path(args.result).write_text(json.dumps(result, indent=2), encoding="utf-8")
     return 0
