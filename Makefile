@@ -83,8 +83,8 @@ demo: $(EVAL)
 # JSON (--readme).
 bench: $(DEV)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/run.py --readme $(ARGS)
-	HF_HUB_OFFLINE=1 $(BIN)/python bench/run.py --lengths 256,512,1024,2048 --steps 4 --warmup-steps 1 --batch-size 1 --grad-accum 2 --readme $(ARGS)
-	HF_HUB_OFFLINE=1 $(BIN)/python bench/op_profile.py --lengths 512 --steps 3 --warmup-steps 1 --batch-size 1 --grad-accum 2 $(ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/run.py --lengths 256,512,1024,2048 --steps 3 --warmup-steps 1 --batch-size 1 --grad-accum 2 --readme $(ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/op_profile.py --lengths 512 --steps 3 --warmup-steps 1 --batch-size 1 --grad-accum 2 --grad-checkpointing off $(ARGS)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/data_prep.py
 
 # The same comparisons, shorter (~1 h): 6 steps (4 timed), lengths up to 1024, 20k synthetic rows.
