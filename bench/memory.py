@@ -8,7 +8,8 @@ between them. Peaks come from Linux's VmHWM, reset (clear_refs 5) at the start o
 
     baseline        Python + torch + transformers + lora imported, tokenizer loaded
     weights         RSS after load_model − before; load_transient: the peak above that
-    lora            LoRA A/B injected (and gradient checkpointing enabled if the spec says)
+    lora            LoRA A/B injected, the lean SwiGLU (lora/activations.py), and gradient
+                    checkpointing enabled if the spec says
     activations     after the decoder forward of the first (longest) micro-batch
     loss_peak       extra peak inside the chunked loss (its [chunk, vocab] logits)
     backward_peak   extra peak during that micro-batch's backward
@@ -87,6 +88,7 @@ def params_mb(model, trainable: bool) -> float:
 
 
 def breakdown(spec) -> dict:
+    from lora.activations import keep_less_for_backward
     from lora.inject import apply_lora, lora_parameters
     from lora.loss import count_supervised, supervised_loss_sum
     from lora.model import enable_activation_checkpointing, load_model
@@ -100,6 +102,7 @@ def breakdown(spec) -> dict:
     out["weights_param_bytes_mb"] = params_mb(model, trainable=True) + params_mb(model, False)
     before = meter.phase()
     apply_lora(model, "q_proj,v_proj", 8, 16, 0.0, False)
+    keep_less_for_backward(model)
     if spec["grad_checkpointing"]:
         enable_activation_checkpointing(model)
     model.train()

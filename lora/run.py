@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .activations import keep_less_for_backward
 from .batching import collate, global_batches
 from .checkpoint import resume_checkpoint
 from .config import TrainConfig
@@ -216,6 +217,7 @@ def load_model_with_lora(cfg: TrainConfig, device, precision: str):
     report = apply_lora(
         model, cfg.targets, cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora, use_dora=cfg.dora
     )
+    keep_less_for_backward(model)  # SwiGLU keeps 2 of its 3 activations (activations.py)
     if cfg.grad_checkpointing:
         enable_activation_checkpointing(model)
     model.train()

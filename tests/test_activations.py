@@ -1,0 +1,92 @@
+"""Keeping less for backward: the SwiGLU MLP keeps g and u, not silu(g), and nothing changes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import redraw, tiny_config
+from lora.activations import keep_less_for_backward, swiglu_mlp_forward
+from lora.inject import apply_lora
+from lora.loss import CausalLMLoss
+from lora.model import load_model
+from lora.run import load_model_with_lora
+
+CPU = torch.device("cpu")
+
+
+def lora_model(model_dir, lean: bool, dtype=torch.float32, targets="all-linear"):
+    torch.manual_seed(0)  # the same A and B for both models
+    model = redraw(load_model(str(model_dir), torch.float32, CPU)).to(dtype)
+    apply_lora(model, targets, r=4, alpha=8, dropout=0.0)
+    for layer in model.modules():  # B ≠ 0, so every adapter shapes the output
+        if hasattr(layer, "lora_B"):
+            torch.nn.init.normal_(layer.lora_B.weight, std=0.5)
+    if lean:
+        assert keep_less_for_backward(model) == model.config.num_hidden_layers
+    return model
+
+
+def loss_and_grads(model, autocast: bool):
+    torch.manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss, _ = CausalLMLoss(model)(ids, torch.ones_like(ids), labels)
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast"])
+def test_same_loss_and_gradients_bit_for_bit(arch_dir, precision):
+    dtype = torch.bfloat16 if precision == "bf16-autocast" else torch.float32
+    autocast = precision == "bf16-autocast"
+    stock_loss, stock = loss_and_grads(lora_model(arch_dir, False, dtype), autocast)
+    lean_loss, lean = loss_and_grads(lora_model(arch_dir, True, dtype), autocast)
+    assert torch.equal(stock_loss, lean_loss)
+    assert stock.keys() == lean.keys() and any("gate_proj" in n for n in stock)
+    for name in stock:
+        assert torch.equal(stock[name], lean[name]), name
+
+
+def saved_activation_numels(model_dir, lean: bool) -> tuple[list[int], int]:
+    """Sizes of the tensors a frozen MLP keeps for backward (its weights excluded), and the
+    size of one (1, 5, intermediate) activation."""
+    model = lora_model(model_dir, lean, targets="q_proj,v_proj")
+    mlp = model.model.layers[0].mlp
+    weights = {p.data_ptr() for p in mlp.parameters()}
+    sizes = []
+
+    def pack(t):
+        if t.data_ptr() not in weights:
+            sizes.append(t.numel())
+        return t
+
+    x = torch.randn(1, 5, model.config.hidden_size, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        mlp(x)
+    return sizes, 5 * model.config.intermediate_size
+
+
+def test_mlp_keeps_two_intermediate_tensors_instead_of_three(qwen2_dir):
+    stock, intermediate = saved_activation_numels(qwen2_dir, lean=False)
+    lean, _ = saved_activation_numels(qwen2_dir, lean=True)
+    assert stock.count(intermediate) == 3  # g (for silu), silu(g) and u (for the product)
+    assert lean.count(intermediate) == 2  # g and u
+    assert sum(stock) - sum(lean) == intermediate
+
+
+def test_other_activations_keep_their_own_forward(qwen2_dir):
+    model = load_model(str(qwen2_dir), torch.float32, CPU)
+    for layer in model.model.layers:
+        layer.mlp.act_fn = torch.nn.GELU()
+    assert keep_less_for_backward(model) == 0
+
+
+def test_training_models_use_it(qwen2_dir, tmp_path):
+    cfg = tiny_config(qwen2_dir, tmp_path / "data.json", tmp_path / "out")
+    model, _ = load_model_with_lora(cfg, CPU, "fp32")
+    for layer in model.model.layers:
+        assert layer.mlp.forward.__func__ is swiglu_mlp_forward
