@@ -6,9 +6,9 @@ For a target bench/run.py misses, this says why with measurements instead of a g
 bench/run.py's flags (one max length: --lengths N for rows that fill N tokens, else --max-len
 with the ordinary rows) and runs each contender (--contenders, default ours,trl) once per
 --grad-checkpointing setting in a fresh process under torch.profiler (bench/contender.py
---profile). Writes bench/results/<device>-profile-<date>.{json,md}: each run's top ops by self
-CPU time, and the same time grouped into matrix products, attention, the loss's softmax, and
-the rest.
+--profile). Writes bench/results/<device>-profile-<date>.{json,md} (other --contenders: their
+names after "profile"): each run's top ops by self CPU time, and the same time grouped into
+matrix products, attention, the loss's softmax, and the rest.
 """
 
 from __future__ import annotations
@@ -128,8 +128,9 @@ def main(argv=None) -> int:
     spec = spec_for(args, workdir)
     settings = {"both": [False, True], "off": [False], "on": [True]}[args.grad_checkpointing]
     runs = {}
+    contenders = args.contenders or "ours,trl"
     for gc in settings:
-        for name in (args.contenders or "ours,trl").split(","):
+        for name in contenders.split(","):
             print(f"  profiling {bench.variant(name, gc)}…", flush=True)
             runs[bench.variant(name, gc)] = profile_one(name, spec, gc, workdir)
     device = f"cpu-{os.cpu_count()}cores"
@@ -143,6 +144,8 @@ def main(argv=None) -> int:
         "runs": runs,
     }
     suffix = "-tiny" if args.tiny else ""
+    if contenders != "ours,trl":  # other contenders: another file, not over the TRL profile
+        suffix += "-" + contenders.replace(",", "-")
     stem = Path(args.results) / f"{device}-profile{suffix}-{data['date']}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     markdown = render(data)
