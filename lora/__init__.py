@@ -17,7 +17,7 @@ Reading order (each file holds one idea):
     cache.py       prepared data cached by a hash of file, tokenizer and settings
     batching.py    length-grouped batches with dynamic padding, epoch by epoch
     loss.py        shifted cross-entropy on supervised positions only, chunked
-    activations.py what backward keeps: the MLP's g and u, not silu(g) (a quarter less)
+    activations.py what backward keeps: the MLP's g and u, not silu(g); dropout's 1-byte mask
     schedule.py    learning-rate warmup + cosine decay
     precision.py   device and precision: fp32, bf16, fp16 + GradScaler
     config.py      every setting of a run and its default

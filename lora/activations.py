@@ -21,6 +21,10 @@ decoder layer keeps per token, so this keeps a quarter less activation memory, f
 element-wise op more in backward (silu(g) again, against the layer's seven matrix products).
 The same kernels run on the same tensors as autograd's own backward, so the output and the
 gradients are the stock ones, bit for bit.
+
+LoRA's dropout (`--dropout`, on the adapter's input only) is the other place: `DroppedProjection`
+keeps a 1-byte mask per adapter and the input that q_proj and v_proj share, where autograd keeps a
+mask and a dropped copy of the input for each.
 """
 
 from __future__ import annotations
@@ -82,3 +86,48 @@ def keep_less_for_backward(model: nn.Module) -> int:
             module.forward = types.MethodType(swiglu_mlp_forward, module)
             changed += 1
     return changed
+
+
+class DroppedProjection(torch.autograd.Function):
+    """y = dropout(x) Aᵀ for x: (..., in), A: (r, in), keeping x and a 1-byte mask for backward.
+
+    LoRA's dropout acts on the adapter's input only. Op by op, autograd keeps the mask (in x's
+    dtype on CPU) and the dropped copy x ⊙ m / (1 − p) that A's gradient needs, and q_proj and
+    v_proj, which read the same x, each keep their own. Here each keeps a bool mask, both keep the
+    x they share, and the dropped copy is rebuilt in backward:
+
+        grad_A = grad_yᵀ (x ⊙ m / (1 − p))        (r, in), summed over tokens
+        grad_x = (grad_y A) ⊙ m / (1 − p)          (..., in)
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, p: float) -> torch.Tensor:
+        keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p)
+        ctx.scale = 1 / (1 - p)
+        ctx.save_for_backward(x, keep, weight)
+        return F.linear(x * keep * ctx.scale, weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, keep, weight = ctx.saved_tensors
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad @ weight) * keep * ctx.scale
+        if ctx.needs_input_grad[1]:
+            dropped = (x * keep * ctx.scale).reshape(-1, x.shape[-1])
+            grad_weight = grad.reshape(-1, grad.shape[-1]).T @ dropped
+        return grad_x, grad_weight, None
+
+
+def dropout_then_project(x: torch.Tensor, weight: torch.Tensor, p: float) -> torch.Tensor:
+    """`F.linear(F.dropout(x, p), weight)` in training, through `DroppedProjection`.
+
+    Under autocast, x and A are cast to the autocast dtype as `F.linear` would be, and the
+    function runs with autocast off (it chooses its own dtypes).
+    """
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        x, weight = x.to(dtype), weight.to(dtype)
+    with torch.autocast(device, enabled=False):
+        return DroppedProjection.apply(x, weight, p)

@@ -1,4 +1,5 @@
-"""Keeping less for backward: the SwiGLU MLP keeps g and u, not silu(g), and nothing changes."""
+"""Keeping less for backward, computing the same: the SwiGLU MLP keeps g and u, not silu(g);
+LoRA's dropout keeps a bool mask and the shared input."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import pytest
 import torch
 
 from conftest import redraw, tiny_config
-from lora.activations import keep_less_for_backward, swiglu_mlp_forward
+from lora.activations import dropout_then_project, keep_less_for_backward, swiglu_mlp_forward
 from lora.inject import apply_lora
+from lora.layer import LoRALinear
 from lora.loss import CausalLMLoss
 from lora.model import load_model
 from lora.run import load_model_with_lora
@@ -90,3 +92,51 @@ def test_training_models_use_it(qwen2_dir, tmp_path):
     model, _ = load_model_with_lora(cfg, CPU, "fp32")
     for layer in model.model.layers:
         assert layer.mlp.forward.__func__ is swiglu_mlp_forward
+
+
+# LoRA's dropout: a bool mask and the shared input, instead of a mask and a dropped copy each
+
+
+def test_dropped_projection_equals_autograd_with_the_same_mask():
+    p = 0.3
+    x = torch.randn(2, 7, 16, requires_grad=True)
+    a = torch.randn(4, 16, requires_grad=True)
+    torch.manual_seed(0)
+    ours = dropout_then_project(x, a, p)
+    ours.square().sum().backward()
+    ours_grads = x.grad.clone(), a.grad.clone()
+    x.grad = a.grad = None
+    torch.manual_seed(0)  # the same draws give the same mask
+    keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p)
+    reference = torch.nn.functional.linear(x * keep / (1 - p), a)
+    reference.square().sum().backward()
+    torch.testing.assert_close(ours, reference)
+    torch.testing.assert_close(ours_grads[0], x.grad)
+    torch.testing.assert_close(ours_grads[1], a.grad)
+    assert 0 < int((~keep).sum()) < keep.numel()  # some dropped, some kept
+
+
+def test_q_and_v_keep_one_shared_input_and_a_byte_mask_each():
+    torch.manual_seed(0)
+    q, v = (LoRALinear(torch.nn.Linear(16, 16), r=4, alpha=8, dropout=0.1) for _ in range(2))
+    x = torch.randn(3, 16, requires_grad=True)
+    weights = {p.untyped_storage().data_ptr() for m in (q, v) for p in m.parameters()}
+    kept = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in weights:
+            kept[t.untyped_storage().data_ptr()] = (t.dtype, t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        q(x) + v(x)
+    kept = sorted(kept.values(), key=str)
+    assert kept == sorted([(torch.float32, 48), (torch.bool, 48), (torch.bool, 48),
+                           (torch.float32, 12), (torch.float32, 12)], key=str)  # fmt: skip
+
+
+def test_dropout_is_off_in_eval_mode():
+    layer = LoRALinear(torch.nn.Linear(16, 16), r=4, alpha=8, dropout=0.5).eval()
+    torch.nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(5, 16)
+    assert torch.equal(layer(x), layer(x))
