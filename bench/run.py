@@ -299,8 +299,23 @@ def ratios(results: dict, gc_settings) -> dict:
     return out
 
 
+def code_version() -> str:
+    """This repository's commit, "+changes" when the work tree differs from it: the code measured."""
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
+
+    head = git("rev-parse", "--short", "HEAD")
+    if head.returncode != 0:
+        return "unknown (not a git checkout)"
+    changed = git(
+        "status", "--porcelain", "--untracked-files=no", "--", "lora", "bench", "train.py"
+    )
+    return head.stdout.strip() + ("+changes" if changed.stdout.strip() else "")
+
+
 def versions() -> dict:
-    out = {"python": platform.python_version()}
+    out = {"this code": code_version(), "python": platform.python_version()}
     for package in VERSIONED:
         try:
             out[package] = importlib.metadata.version(package)

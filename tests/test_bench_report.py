@@ -94,6 +94,17 @@ def test_the_results_file_names_the_command_the_versions_and_the_setting():
     assert "| ours, grad ckpt off | 90.0 | 40.0 | 11.00 | 10.00–12.50 | 700 |" in text
 
 
+def test_the_versions_name_the_commit_that_was_measured():
+    import subprocess
+
+    head = subprocess.run(["git", "-C", str(BENCH), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True)  # fmt: skip
+    if head.returncode != 0:
+        pytest.skip("not a git checkout")
+    measured = run.versions()["this code"]
+    assert measured in (head.stdout.strip(), head.stdout.strip() + "+changes")
+
+
 def test_readme_block_is_regenerated_from_the_json_and_nothing_else_changes(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(
