@@ -213,3 +213,20 @@ def redraw(model, seed: int = 0):
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * 1.5 / math.sqrt(p.shape[1]))
     return model
+
+
+def kept_for_backward(forward, exclude=()) -> list[torch.Tensor]:
+    """The tensors autograd keeps for backward while `forward()` runs, one per storage, leaving
+    out those that share storage with `exclude` (the weights, which are there anyway)."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    kept = {}
+
+    def pack(t):
+        storage = t.untyped_storage().data_ptr()
+        if storage not in skip:
+            kept.setdefault(storage, t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return list(kept.values())

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import redraw, tiny_config
+from conftest import kept_for_backward, redraw, tiny_config
 from lora.activations import dropout_then_project, keep_less_for_backward, swiglu_mlp_forward
 from lora.inject import apply_lora
 from lora.layer import LoRALinear
@@ -58,18 +58,9 @@ def saved_activation_numels(model_dir, lean: bool) -> tuple[list[int], int]:
     size of one (1, 5, intermediate) activation."""
     model = lora_model(model_dir, lean, targets="q_proj,v_proj")
     mlp = model.model.layers[0].mlp
-    weights = {p.data_ptr() for p in mlp.parameters()}
-    sizes = []
-
-    def pack(t):
-        if t.data_ptr() not in weights:
-            sizes.append(t.numel())
-        return t
-
     x = torch.randn(1, 5, model.config.hidden_size, requires_grad=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        mlp(x)
-    return sizes, 5 * model.config.intermediate_size
+    kept = kept_for_backward(lambda: mlp(x), exclude=mlp.parameters())
+    return [t.numel() for t in kept], 5 * model.config.intermediate_size
 
 
 def test_mlp_keeps_two_intermediate_tensors_instead_of_three(qwen2_dir):
@@ -120,17 +111,9 @@ def test_q_and_v_keep_one_shared_input_and_a_byte_mask_each():
     torch.manual_seed(0)
     q, v = (LoRALinear(torch.nn.Linear(16, 16), r=4, alpha=8, dropout=0.1) for _ in range(2))
     x = torch.randn(3, 16, requires_grad=True)
-    weights = {p.untyped_storage().data_ptr() for m in (q, v) for p in m.parameters()}
-    kept = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in weights:
-            kept[t.untyped_storage().data_ptr()] = (t.dtype, t.numel())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        q(x) + v(x)
-    kept = sorted(kept.values(), key=str)
+    weights = [p for m in (q, v) for p in m.parameters()]
+    kept = kept_for_backward(lambda: q(x) + v(x), exclude=weights)
+    kept = sorted(((t.dtype, t.numel()) for t in kept), key=str)
     assert kept == sorted([(torch.float32, 48), (torch.bool, 48), (torch.bool, 48),
                            (torch.float32, 12), (torch.float32, 12)], key=str)  # fmt: skip
 

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import overfit_rows, tiny_config, write_json
+from conftest import kept_for_backward, overfit_rows, tiny_config, write_json
 from lora.cost import activation_bytes, kept_per_token_per_layer, peak_memory, size
 from lora.trainer import train
 
@@ -66,25 +66,6 @@ def test_the_start_estimates_memory_and_the_epochs_of_max_steps(finished_run):
     assert "--max-steps 6 = 2.00 epochs (3 optimizer steps per epoch)" in printed
 
 
-def kept_by_the_decoder(model, tokens: int) -> int:
-    """Bytes of the distinct tensors autograd keeps in a decoder forward (weights excluded)."""
-    import torch
-
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in weights:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    ids = torch.randint(0, model.config.vocab_size, (1, tokens))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.get_decoder()(input_ids=ids, use_cache=False)
-    return sum(kept.values())
-
-
 def test_activation_estimate_is_what_the_training_model_keeps(qwen2_dir, tmp_path):
     import torch
 
@@ -94,7 +75,11 @@ def test_activation_estimate_is_what_the_training_model_keeps(qwen2_dir, tmp_pat
     model, _ = load_model_with_lora(cfg, torch.device("cpu"), "fp32")
     config, tokens = model.config, 64
     estimated = config.num_hidden_layers * tokens * kept_per_token_per_layer(config) * 4
-    measured = kept_by_the_decoder(model, tokens)
+    ids = torch.randint(0, config.vocab_size, (1, tokens))
+    kept = kept_for_backward(
+        lambda: model.get_decoder()(input_ids=ids, use_cache=False), exclude=model.parameters()
+    )
+    measured = sum(t.untyped_storage().nbytes() for t in kept)
     # Off by the norms' per-token scale and the rotary tables; the MLP's activation, if it
     # were kept, would add i/(5h + 2kv + 2i) = 20% here.
     assert measured == pytest.approx(estimated, rel=0.05)
