@@ -91,7 +91,8 @@ def breakdown(spec) -> dict:
     from lora.activations import keep_less_for_backward
     from lora.inject import apply_lora, lora_parameters
     from lora.loss import count_supervised, supervised_loss_sum
-    from lora.model import enable_activation_checkpointing, load_model
+    from lora.model import checkpoint_dtype, enable_activation_checkpointing, load_model
+    from lora.vocab_storage import keep_vocab_matrices_narrow
 
     meter = Meter()
     batches = windows(spec)
@@ -110,6 +111,9 @@ def breakdown(spec) -> dict:
     optimizer = torch.optim.AdamW(params, lr=spec["lr"])
     after_lora = meter.phase()
     out["lora_mb"] = after_lora - before
+    keep_vocab_matrices_narrow(model, checkpoint_dtype(spec["model"]))  # as lora/run.py does
+    narrowed = meter.phase()
+    out["vocab_narrow_mb"], after_lora = narrowed - after_lora, narrowed
     decoder, head = model.get_decoder(), model.get_output_embeddings()
 
     for w, window in enumerate(batches):
@@ -142,7 +146,8 @@ def breakdown(spec) -> dict:
     out["steady_peak_mb"] = meter.overall
     out["lora_param_mb"] = params_mb(model, trainable=True)
     out["optimizer_state_mb"] = 2 * out["lora_param_mb"]
-    parts = ("baseline_mb", "weights_mb", "lora_mb", "activations_mb", "loss_peak_mb")
+    parts = ("baseline_mb", "weights_mb", "lora_mb", "vocab_narrow_mb", "activations_mb")
+    parts += ("loss_peak_mb",)
     out["unexplained_mb"] = out["steady_peak_mb"] - sum(out[p] for p in parts) - out["optimizer_mb"]
     out["notes"] = notes(out)
     return out

@@ -50,13 +50,14 @@ MEMORY_PHASES = [
     ("weights_mb", "base weights as loaded (RSS after load − before)"),
     ("load_transient_mb", "extra peak while loading (conversion copies), freed after"),
     ("lora_mb", "LoRA A/B added"),
+    ("vocab_narrow_mb", "embedding and lm_head back to the checkpoint's bf16 (vocab_storage.py)"),
     ("activations_mb", "decoder activations kept for backward (first micro-batch)"),
     ("loss_peak_mb", "extra peak inside the chunked loss"),
     ("backward_peak_mb", "extra peak during backward over what the forward held"),
     ("after_backward_mb", "RSS after backward − after LoRA (gradients + allocator caching)"),
     ("optimizer_mb", "AdamW state, first step"),
     ("steady_peak_mb", "peak RSS over two full optimizer steps"),
-    ("unexplained_mb", "peak − (baseline + weights + LoRA + activations + loss + optimizer)"),
+    ("unexplained_mb", "peak − (baseline + weights + LoRA ± vocab + activations + loss + AdamW)"),
 ]
 
 

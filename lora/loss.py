@@ -45,6 +45,8 @@ from .prompt import IGNORE_INDEX
 # Rows per chunk are chosen so one chunk of fp32 logits is about 128 MB (2^25 floats):
 # ~220 rows for Qwen's 151,936-token vocabulary.
 CHUNK_FLOATS = 2**25
+# A head stored narrower than the compute dtype is widened 2^20 floats (4 MB in fp32) at a time.
+WIDEN_BLOCK_FLOATS = 2**20
 
 
 def reference_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -77,25 +79,67 @@ def logsumexp_rows(logits: torch.Tensor, rows: int = 16) -> torch.Tensor:
     return torch.cat([torch.logsumexp(part, dim=-1) for part in logits.split(rows)])
 
 
+def head_logits(h: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+    """z = h Wᵀ + b: (rows, vocab) in h's dtype, for W: (vocab, hidden) in h's or a narrower dtype.
+
+    A narrower W (bf16 storage in an fp32 run, see vocab_storage.py) is widened a block of rows
+    at a time into one reused buffer, so no wide copy of the whole matrix ever exists.
+    """
+    if weight.dtype == h.dtype:
+        return F.linear(h, weight, bias)
+    logits = h.new_empty(h.shape[0], weight.shape[0])
+    for rows, wide in _widened_blocks(weight, h.dtype):
+        torch.mm(h, wide.T, out=logits[:, rows])  # straight into the block's columns
+    if bias is not None:
+        logits += bias.to(h.dtype)
+    return logits
+
+
+def times_head(probs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """probs W: (rows, hidden) in probs' dtype, W widened a block of rows at a time if narrower."""
+    if weight.dtype == probs.dtype:
+        return probs @ weight
+    out = probs.new_zeros(probs.shape[0], weight.shape[1])
+    for rows, wide in _widened_blocks(weight, probs.dtype):
+        out.addmm_(probs[:, rows], wide)
+    return out
+
+
+def _widened_blocks(weight: torch.Tensor, dtype: torch.dtype):
+    """(rows, weight[rows] in `dtype`) block by block, all written into the same buffer."""
+    step = max(1, WIDEN_BLOCK_FLOATS // weight.shape[1])
+    buffer = weight.new_empty(min(step, weight.shape[0]), weight.shape[1], dtype=dtype)
+    for start in range(0, weight.shape[0], step):
+        rows = slice(start, min(start + step, weight.shape[0]))
+        wide = buffer[: rows.stop - rows.start]
+        yield rows, wide.copy_(weight[rows])
+
+
 class SupervisedCrossEntropy(torch.autograd.Function):
-    """sum_i CE(W h_i, y_i) for a frozen W, with ∂/∂h computed chunk by chunk in forward."""
+    """sum_i CE(W h_i, y_i) for a frozen W, with ∂/∂h computed chunk by chunk in forward.
+
+    The products run in the wider of h's and W's dtypes: bf16 for a bf16 run, fp32 for an fp32
+    run, also when W is stored in bf16 (vocab_storage.py).
+    """
 
     @staticmethod
     def forward(
         ctx, h: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor, chunk_size: int
     ):
+        compute = torch.promote_types(h.dtype, weight.dtype)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         for start in range(0, h.shape[0], chunk_size):
-            h_chunk = h[start : start + chunk_size].to(weight.dtype)
+            h_chunk = h[start : start + chunk_size].to(compute)
             y = targets[start : start + chunk_size]
-            logits = F.linear(h_chunk, weight, bias).float()  # (chunk, vocab), fp32 softmax
+            logits = head_logits(h_chunk, weight, bias).float()  # (chunk, vocab), fp32 softmax
             log_z = logsumexp_rows(logits)
             total += (log_z - logits.gather(1, y[:, None]).squeeze(1)).sum()
             if grad_h is not None:
                 probs = logits.sub_(log_z[:, None]).exp_()  # softmax in place, same buffer
                 probs[torch.arange(y.shape[0], device=y.device), y] -= 1.0
-                grad_h[start : start + chunk_size] = (probs.to(weight.dtype) @ weight).to(h.dtype)
+                grad_chunk = times_head(probs.to(compute), weight)
+                grad_h[start : start + chunk_size] = grad_chunk.to(h.dtype)
         if grad_h is not None:
             ctx.save_for_backward(grad_h)
         return total

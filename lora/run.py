@@ -34,7 +34,7 @@ from .lora_plus import check_lora_plus_ratio, optimizer_param_groups
 from .loss import CausalLMLoss
 from .metrics import MetricsLog, startup_summary
 from .mixture import Mixture, parse_data
-from .model import enable_activation_checkpointing, load_model, load_tokenizer
+from .model import checkpoint_dtype, enable_activation_checkpointing, load_model, load_tokenizer
 from .precision import DTYPES, autocast_for
 from .prepare import prepare_data
 from .prompt import PromptFormat, resolve_template, stop_token_ids
@@ -43,6 +43,7 @@ from .rundir import HELDOUT, METRICS, RunDirPlan, RunRecord, clean_run_dir, writ
 from .schedule import warmup_cosine, warmup_steps
 from .sharding import grad_scaler, model_load_device, wrap_for_training
 from .tracking import open_tracker
+from .vocab_storage import keep_vocab_matrices_narrow
 
 
 @dataclass
@@ -209,7 +210,8 @@ def load_model_with_lora(cfg: TrainConfig, device, precision: str):
     """The frozen base in the run's precision, fp32 LoRA injected; returns (model, LoRAReport).
 
     The base is stored in bf16/fp16 on any device (half the memory); the adapters are created
-    in fp32 by `LoRALinear` whatever the base dtype.
+    in fp32 by `LoRALinear` whatever the base dtype. An fp32 run of a 16-bit checkpoint keeps
+    the embedding and the head in the checkpoint's dtype (vocab_storage.py).
     """
     base_dtype = DTYPES[precision]
     quantized = quantization_config(cfg.quantize, compute_dtype=base_dtype)  # None: no QLoRA
@@ -217,6 +219,8 @@ def load_model_with_lora(cfg: TrainConfig, device, precision: str):
     report = apply_lora(
         model, cfg.targets, cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora, use_dora=cfg.dora
     )
+    if precision == "fp32" and cfg.shard != "fsdp":  # embedding and head as stored (exact)
+        keep_vocab_matrices_narrow(model, checkpoint_dtype(cfg.model, cfg.trust_remote_code))
     keep_less_for_backward(model)  # SwiGLU keeps 2 of its 3 activations (activations.py)
     if cfg.grad_checkpointing:
         enable_activation_checkpointing(model)

@@ -230,3 +230,18 @@ def kept_for_backward(forward, exclude=()) -> list[torch.Tensor]:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         forward()
     return list(kept.values())
+
+
+def bf16_checkpoint(src, dst, tied: bool, shard: str | None = None):
+    """`src`'s architecture and tokenizer with re-drawn weights, stored in bf16 as real Qwen
+    checkpoints are (so loading in fp32 converts every tensor)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(src)
+    config.tie_word_embeddings = tied
+    model = redraw(AutoModelForCausalLM.from_config(config), seed=2).to(torch.bfloat16)
+    model.save_pretrained(dst, **({"max_shard_size": shard} if shard else {}))
+    for f in src.iterdir():  # tokenizer, chat template, generation config
+        if not (dst / f.name).exists() and not f.name.endswith(".safetensors"):
+            (dst / f.name).write_bytes(f.read_bytes())
+    return dst

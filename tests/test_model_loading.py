@@ -3,24 +3,10 @@ model is exactly what `AutoModelForCausalLM.from_pretrained` builds from the sam
 
 import pytest
 import torch
-import transformers
 from transformers import AutoModelForCausalLM
 
-from conftest import redraw
+from conftest import bf16_checkpoint
 from lora.model import load_model
-
-
-def bf16_checkpoint(src, dst, tied: bool, shard: str | None = None):
-    """`src`'s architecture and tokenizer with re-drawn weights, stored in bf16 as real Qwen
-    checkpoints are (so loading in fp32 converts every tensor)."""
-    config = transformers.AutoConfig.from_pretrained(src)
-    config.tie_word_embeddings = tied
-    model = redraw(AutoModelForCausalLM.from_config(config), seed=2).to(torch.bfloat16)
-    model.save_pretrained(dst, **({"max_shard_size": shard} if shard else {}))
-    for f in src.iterdir():  # tokenizer, chat template, generation config
-        if not (dst / f.name).exists() and not f.name.endswith(".safetensors"):
-            (dst / f.name).write_bytes(f.read_bytes())
-    return dst
 
 
 @pytest.mark.parametrize(
