@@ -417,16 +417,12 @@ def trl_lines(results: dict) -> list[str]:
 
 
 def versions() -> dict:
-    import importlib.metadata
-    import platform
+    """bench/run.py's: the commit measured and the libraries (imported here, in the parent only:
+    it imports torch, which the measured child processes must not carry)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import run
 
-    out = {"python": platform.python_version()}
-    for package in ("tokenizers", "transformers", "datasets", "trl"):
-        try:
-            out[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            out[package] = None
-    return out
+    return run.versions()
 
 
 if __name__ == "__main__":

@@ -77,6 +77,8 @@ def profile_one(name: str, spec: dict, gc: bool, workdir: Path) -> dict:
 
 def render(data: dict) -> str:
     lines = [f"## Profile, {data['device']}, {data['date']}", "", f"Command: `{data['command']}`"]
+    if "versions" in data:  # profiles written before the versions were recorded have none
+        lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in data["versions"].items())]
     lines += [
         "",
         "Self time in seconds by kind of op (wall time of each op on the main thread, its intra-op threads included; the whole process: loading, steps, one held-out row):",
@@ -139,6 +141,7 @@ def main(argv=None) -> int:
         "date": datetime.date.today().isoformat(),
         "command": "python bench/op_profile.py "
         + " ".join(argv if argv is not None else sys.argv[1:]),
+        "versions": bench.versions(),
         "max_len": spec["max_len"],
         "mean_len": spec["mean_len"],
         "runs": runs,

@@ -105,6 +105,16 @@ def test_the_versions_name_the_commit_that_was_measured():
     assert measured in (head.stdout.strip(), head.stdout.strip() + "+changes")
 
 
+def test_the_profile_and_data_preparation_results_carry_the_same_versions():
+    import data_prep
+    import op_profile
+
+    assert data_prep.versions().keys() == run.versions().keys()
+    profile = {"device": "cpu-2cores", "date": "2026-12-06", "command": "python bench/op_profile.py",
+               "versions": {"this code": "abc1234", "torch": "2.13.0"}, "runs": {}}  # fmt: skip
+    assert "Versions: this code abc1234, torch 2.13.0" in op_profile.render(profile)
+
+
 def test_readme_block_is_regenerated_from_the_json_and_nothing_else_changes(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(
