@@ -122,3 +122,14 @@ def test_two_processes_equal_one_on_a_bf16_checkpoint(tiny_models, tmp_path):
     train_cli([*args, "--output", tmp_path / "single", "--batch-size", "4"])
     train_cli([*args, "--output", tmp_path / "ddp", "--batch-size", "2"], nproc=2)
     assert_same_adapters(tmp_path / "single", tmp_path / "ddp", atol=1e-5)
+
+
+def test_head_products_widen_block_by_block_to_the_wide_results(monkeypatch):
+    monkeypatch.setattr(loss_module, "WIDEN_BLOCK_FLOATS", 5 * 16)  # 5-row blocks, last one of 3
+    g = torch.Generator().manual_seed(0)
+    narrow = torch.randn(23, 16, generator=g).bfloat16()
+    wide, bias = narrow.float(), torch.randn(23, generator=g)
+    h, probs = torch.randn(4, 16, generator=g), torch.randn(4, 23, generator=g)
+    logits = loss_module.head_logits(h, narrow, bias)
+    torch.testing.assert_close(logits, torch.nn.functional.linear(h, wide, bias), rtol=0, atol=1e-6)
+    torch.testing.assert_close(loss_module.times_head(probs, narrow), probs @ wide)
