@@ -146,8 +146,9 @@ def breakdown(spec) -> dict:
     out["steady_peak_mb"] = meter.overall
     out["lora_param_mb"] = params_mb(model, trainable=True)
     out["optimizer_state_mb"] = 2 * out["lora_param_mb"]
-    parts = ("baseline_mb", "weights_mb", "lora_mb", "vocab_narrow_mb", "activations_mb")
-    parts += ("loss_peak_mb",)
+    parts = (
+        "baseline_mb", "weights_mb", "lora_mb", "vocab_narrow_mb", "activations_mb", "loss_peak_mb"
+    )  # fmt: skip
     out["unexplained_mb"] = out["steady_peak_mb"] - sum(out[p] for p in parts) - out["optimizer_mb"]
     out["notes"] = notes(out)
     return out

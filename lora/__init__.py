@@ -20,7 +20,9 @@ Reading order (each file holds one idea):
     activations.py what backward keeps: the MLP's g and u, not silu(g); dropout's 1-byte mask
     schedule.py    learning-rate warmup + cosine decay
     precision.py   device and precision: fp32, bf16, fp16 + GradScaler
+    vocab_storage.py  fp32 runs: the frozen embedding and head stay bf16, widened where used
     config.py      every setting of a run and its default
+    cost.py        what a run costs: the memory estimate before step 1, the summary after
     run.py         the Run: everything a training run holds, built once by setup()
     trainer.py     the training loop: accumulation, the optimizer step, finishing
     evaluate.py    validation loss, exact across processes; keeping the best adapter
@@ -29,6 +31,8 @@ Reading order (each file holds one idea):
     metrics.py     metrics.jsonl, the loss plot, the progress bar, the startup summary
     tracking.py    --report-to: the same records to TensorBoard, W&B or SwanLab (optional)
     distributed.py torchrun/DDP helpers and stop signals
+    sharding.py    DDP or FSDP under torchrun: wrapping the model, where it loads
+    sampling.py    generation settings: greedy by default, sampling with a temperature
     generate.py    inference: prompts, stop tokens, merge, export of a merged model
     answers.py     answering a file of questions: batched, streamed, resumable
     score.py       did it help? reference likelihood, BLEU/ROUGE, answer health

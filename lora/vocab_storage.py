@@ -14,8 +14,8 @@ Qwen2.5-0.5B, 136M parameters each, and neither is used as a whole matrix per to
 Kept in bf16 they take 2 bytes per element instead of 4: 260 MB less for a tied E = W, 520 MB
 for an untied head. Same values, same fp32 arithmetic: the loss equals the fp32-stored run's,
 and the LoRA gradients differ only by fp32 rounding (∂loss/∂h sums the head's blocks in another
-order). The price is widening the head twice per loss chunk (logits, then ∂loss/∂h): under
-torch.profiler on the 0.5B at 256 tokens, ~0.1 s of a ~2.6 s micro-batch.
+order). The price is widening the head twice per loss chunk (logits, then ∂loss/∂h): on the
+0.5B at 256 tokens, torch.profiler counts ~0.1 s of copies per ~2.6 s micro-batch.
 
 The decoder's linear layers stay fp32. Each is a full matrix product for every token, and
 widening its weight on every use costs time: ~1 ms for a (4864, 896) matrix on 2 cores,

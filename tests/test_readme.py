@@ -45,3 +45,10 @@ def test_make_targets_in_readme_exist():
     makefile = (ROOT / "Makefile").read_text()
     for target in set(re.findall(r"make ([\w-]+)", README)):
         assert re.search(rf"^{target}:", makefile, re.M), target
+
+
+def test_the_reading_order_in_lora_names_every_file():
+    import lora
+
+    files = sorted(p.name for p in (ROOT / "lora").glob("*.py") if p.name != "__init__.py")
+    assert [f for f in files if f"    {f} " not in lora.__doc__] == []
