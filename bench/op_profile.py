@@ -3,12 +3,14 @@
     python bench/op_profile.py --lengths 512 --steps 4 --warmup-steps 1 --batch-size 1 --grad-accum 2
 
 For a target bench/run.py misses, this says why with measurements instead of a guess. It takes
-bench/run.py's flags (one max length: --lengths N for rows that fill N tokens, else --max-len
-with the ordinary rows) and runs each contender (--contenders, default ours,trl) once per
+bench/run.py's flags (--lengths N,M,… for rows that fill N tokens, then M, else --max-len with
+the ordinary rows) and runs each contender (--contenders, default ours,trl) once per
 --grad-checkpointing setting in a fresh process under torch.profiler (bench/contender.py
 --profile). Writes bench/results/<device>-profile-<date>.{json,md} (other --contenders: their
-names after "profile"): each run's top ops by self CPU time, and the same time grouped into
-matrix products, attention, the loss's softmax, and the rest.
+names after "profile"; with --lengths, each length before the date): each run's top ops by self
+CPU time, the same time grouped into matrix products, attention, the loss's softmax and the
+rest, and the ceiling that puts on ours' speed-up. `--render X.json` rewrites X.md from a saved
+profile.
 """
 
 from __future__ import annotations
@@ -39,14 +41,14 @@ def group_of(op: str) -> str:
     return "everything else"
 
 
-def spec_for(args, workdir: Path) -> dict:
+def spec_for(args, workdir: Path, length: str | None) -> dict:
     train, heldout = bench.read_rows(args)
-    if not args.lengths:
+    if not length:
         return bench.build_spec(args, train, heldout, workdir, args.max_len)
     from lora.model import load_tokenizer
     from lora.prompt import PromptFormat
 
-    length, fmt = int(args.lengths), PromptFormat("chat")
+    length, fmt = int(length), PromptFormat("chat")
     tokenizer = load_tokenizer(args.model)
     rows = bench.long_samples(train, tokenizer, fmt, length)
     held = bench.long_samples(heldout[:1], tokenizer, fmt, length)
@@ -75,8 +77,58 @@ def profile_one(name: str, spec: dict, gc: bool, workdir: Path) -> dict:
     return out
 
 
+UNAVOIDABLE = ("matrix products (linear layers, lm_head)", "attention (SDPA)")
+
+
+def ceiling_lines(runs: dict, filled: bool) -> list[str]:
+    """How fast ours could be against each other contender, from this profile alone.
+
+    Both run the same decoder: the same matrix products and attention per position. If
+    everything else ours does took no time, ours/other would be about
+
+        (the other's total self time) / (ours' self time in those two kinds).
+
+    When the rows fill the max length (`filled`: no padding, both compute the same positions;
+    ours only skips lm_head on the prompt), a second estimate needs no second process: ours
+    would need the other's own time in those two kinds, so about 1 / (the other's share of its
+    time in them). Estimates, not bounds: the first compares two processes, so machine drift
+    between them enters; the second assumes ours multiplies as fast as the other (same library,
+    same shapes), and a process that ran at a faster moment of the machine can beat it. A
+    target well above both cannot be met by cutting ours' overhead, only by doing less work.
+    """
+    lines = []
+    for key, ours in runs.items():
+        if not key.startswith("ours"):
+            continue
+        setting = key.removeprefix("ours")
+        for other_key, other in runs.items():
+            if other_key == key or not other_key.endswith(setting):
+                continue
+            name = other_key.removesuffix(setting)
+            work, own = (sum(r["groups"].get(k, 0.0) for k in UNAVOIDABLE) for r in (ours, other))
+            line = (
+                f"- ours/{name}{setting}: measured"
+                f" {ours['real_tokens_per_s'] / other['real_tokens_per_s']:.2f}× real tokens/s;"
+                f" ceiling ≈ **{other['self_cpu_s'] / work:.2f}×** ({name}'s total"
+                f" {other['self_cpu_s']:.1f} s / ours' products and attention {work:.1f} s)"
+            )
+            if filled:
+                line += (
+                    f"; {name} itself spent {own:.1f} s of its {other['self_cpu_s']:.1f} s"
+                    f" ({own / other['self_cpu_s']:.0%}) on them: ≈ **{other['self_cpu_s'] / own:.2f}×**"
+                    f" if ours ran them at {name}'s speed"
+                )
+            lines.append(line)
+    if not lines:
+        return []
+    head = "Ceiling, under the profiler (what ours could reach if everything but its matrix products and attention, which the other contender runs too, took no time):"  # fmt: skip
+    return ["", head, "", *lines]
+
+
 def render(data: dict) -> str:
     lines = [f"## Profile, {data['device']}, {data['date']}", "", f"Command: `{data['command']}`"]
+    if "max_len" in data:
+        lines += ["", f"Rows: max length {data['max_len']}, mean {data['mean_len']:.0f} tokens."]
     if "versions" in data:  # profiles written before the versions were recorded have none
         lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in data["versions"].items())]
     lines += [
@@ -108,6 +160,8 @@ def render(data: dict) -> str:
         + " | ".join(f"{r['real_tokens_per_s']:.1f}" for r in runs.values())
         + " |"
     )
+    filled = data.get("mean_len", 0) >= 0.95 * data.get("max_len", float("inf"))
+    lines += ceiling_lines(runs, filled)
     for key, r in runs.items():
         lines += [
             "",
@@ -125,22 +179,33 @@ def render(data: dict) -> str:
 
 def main(argv=None) -> int:
     args = bench.parse_args(argv)
+    if args.render:  # re-render the Markdown of a saved profile
+        path = Path(args.render)
+        path.with_suffix(".md").write_text(render(json.loads(path.read_text())), encoding="utf-8")
+        return 0
     workdir = Path(tempfile.mkdtemp(prefix="lora-profile-"))
     bench.resolve_model(args, workdir)
-    spec = spec_for(args, workdir)
+    command = "python bench/op_profile.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    for length in args.lengths.split(",") if args.lengths else [None]:
+        print(render(profile_rows(args, length, workdir, command)))
+    return 0
+
+
+def profile_rows(args, length: str | None, workdir: Path, command: str) -> dict:
+    """Every contender and setting on one set of rows; writes and returns the profile."""
+    spec = spec_for(args, workdir, length)
     settings = {"both": [False, True], "off": [False], "on": [True]}[args.grad_checkpointing]
     runs = {}
     contenders = args.contenders or "ours,trl"
     for gc in settings:
         for name in contenders.split(","):
-            print(f"  profiling {bench.variant(name, gc)}…", flush=True)
+            print(f"  profiling {bench.variant(name, gc)} at {spec['max_len']} tokens…", flush=True)
             runs[bench.variant(name, gc)] = profile_one(name, spec, gc, workdir)
     device = f"cpu-{os.cpu_count()}cores"
     data = {
         "device": device,
         "date": datetime.date.today().isoformat(),
-        "command": "python bench/op_profile.py "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command,
         "versions": bench.versions(),
         "max_len": spec["max_len"],
         "mean_len": spec["mean_len"],
@@ -149,15 +214,15 @@ def main(argv=None) -> int:
     suffix = "-tiny" if args.tiny else ""
     if contenders != "ours,trl":  # other contenders: another file, not over the TRL profile
         suffix += "-" + contenders.replace(",", "-")
+    if length:  # --lengths: one file per max length
+        suffix += f"-{spec['max_len']}"
     stem = Path(args.results) / f"{device}-profile{suffix}-{data['date']}"
     stem.parent.mkdir(parents=True, exist_ok=True)
-    markdown = render(data)
-    for suffix, text in ((".json", json.dumps(data, indent=2)), (".md", markdown)):
-        tmp = stem.with_suffix(suffix + ".tmp")
+    for ext, text in ((".json", json.dumps(data, indent=2)), (".md", render(data))):
+        tmp = stem.with_suffix(ext + ".tmp")
         tmp.write_text(text, encoding="utf-8")
-        tmp.replace(stem.with_suffix(suffix))
-    print(markdown)
-    return 0
+        tmp.replace(stem.with_suffix(ext))
+    return data
 
 
 if __name__ == "__main__":

@@ -140,7 +140,15 @@ def render_scaling(data: dict) -> list[str]:
     lines += ["", "Ratios (same max length, same gradient-checkpointing setting):", ""]
     for length, block in data["lengths"].items():
         lines += [f"- max length {length}:", *["  " + x for x in ratio_lines(block["ratios"])]]
-    return lines + [""]
+    lengths = ",".join(data["lengths"])
+    return lines + [
+        "",
+        f"Where a ratio misses its target, `python bench/op_profile.py --lengths {lengths}"
+        " --grad-checkpointing both` (with this run's other flags) profiles both contenders on"
+        f" the same rows (`bench/results/{data['device']}-profile-<length>-<date>.md`), with"
+        " the ceiling that the matrix products and attention both run put on ours' lead.",
+        "",
+    ]
 
 
 def tables(data: dict) -> list[str]:
