@@ -7,10 +7,10 @@ bench/run.py's flags (--lengths N,M,… for rows that fill N tokens, then M, els
 the ordinary rows) and runs each contender (--contenders, default ours,trl) once per
 --grad-checkpointing setting in a fresh process under torch.profiler (bench/contender.py
 --profile). Writes bench/results/<device>-profile-<date>.{json,md} (other --contenders: their
-names after "profile"; with --lengths, each length before the date): each run's top ops by self
-CPU time, the same time grouped into matrix products, attention, the loss's softmax and the
-rest, and the ceiling that puts on ours' speed-up. `--render X.json` rewrites X.md from a saved
-profile.
+names after "profile"; with --lengths, one file per length, <device>-profile-<length>-<date>):
+each run's top ops by self CPU time, the same time grouped into matrix products, attention, the
+loss's softmax and the rest, and two estimates of the ceiling that puts on ours' speed-up.
+`--render X.json` rewrites X.md from a saved profile.
 """
 
 from __future__ import annotations
@@ -106,6 +106,8 @@ def ceiling_lines(runs: dict, filled: bool) -> list[str]:
                 continue
             name = other_key.removesuffix(setting)
             work, own = (sum(r["groups"].get(k, 0.0) for k in UNAVOIDABLE) for r in (ours, other))
+            if not work or not own:  # nothing to compare (a run too short to record them)
+                continue
             line = (
                 f"- ours/{name}{setting}: measured"
                 f" {ours['real_tokens_per_s'] / other['real_tokens_per_s']:.2f}× real tokens/s;"
@@ -121,7 +123,7 @@ def ceiling_lines(runs: dict, filled: bool) -> list[str]:
             lines.append(line)
     if not lines:
         return []
-    head = "Ceiling, under the profiler (what ours could reach if everything but its matrix products and attention, which the other contender runs too, took no time):"  # fmt: skip
+    head = "Ceiling estimates, under the profiler (about what ours would reach if everything but its matrix products and attention, which the other contender runs too, took no time):"  # fmt: skip
     return ["", head, "", *lines]
 
 
