@@ -42,6 +42,8 @@ TOKENIZER = SHARED / "models" / "qwen2.5-tokenizer"
 HUATUO = SHARED / "data" / "zhongjing_huatuo26m_test" / "huatuo26M_test.json"
 CSV = SHARED / "data" / "toyhom_cmd_im" / "样例_内科5000-6000.csv"
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from report import write_atomic  # noqa: E402  (bench/report.py)
 
 
 def rss_mb() -> float:
@@ -379,13 +381,6 @@ def write_results(results: dict, out: Path) -> None:
     ]
     write_atomic(stem.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """A temporary name first, then rename: an interrupted run leaves no half-written file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 def trl_lines(results: dict) -> list[str]:

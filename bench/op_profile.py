@@ -182,8 +182,8 @@ def render(data: dict) -> str:
 def main(argv=None) -> int:
     args = bench.parse_args(argv)
     if args.render:  # re-render the Markdown of a saved profile
-        path = Path(args.render)
-        path.with_suffix(".md").write_text(render(json.loads(path.read_text())), encoding="utf-8")
+        markdown = render(bench.read_results(args.render))
+        bench.write_atomic(Path(args.render).with_suffix(".md"), markdown)
         return 0
     workdir = Path(tempfile.mkdtemp(prefix="lora-profile-"))
     bench.resolve_model(args, workdir)
@@ -221,9 +221,7 @@ def profile_rows(args, length: str | None, workdir: Path, command: str) -> dict:
     stem = Path(args.results) / f"{device}-profile{suffix}-{data['date']}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     for ext, text in ((".json", json.dumps(data, indent=2)), (".md", render(data))):
-        tmp = stem.with_suffix(ext + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(stem.with_suffix(ext))
+        bench.write_atomic(stem.with_suffix(ext), text)
     return data
 
 

@@ -2,11 +2,13 @@
 
 `render_results(data)` is the whole results file; `update_readme` puts the same tables into
 README.md between its `<!-- bench:KIND:start -->` and `<!-- bench:KIND:end -->` markers, so the
-README's numbers are always regenerated from a JSON, never typed by hand.
+README's numbers are always regenerated from a JSON, never typed by hand. `write_atomic` is how
+every bench script writes a file, `read_results` how each `--render` reads one.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -168,6 +170,21 @@ def render_results(data: dict) -> str:
     return "\n".join(lines)
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """A temporary name first, then rename: an interrupted run leaves no half-written file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def read_results(path: str) -> dict:
+    """A saved results JSON (for --render), or a one-line error naming the file."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: cannot read results {path}: {e}") from None
+
+
 def update_readme(readme: Path, data: dict) -> None:
     """Replace the README's block for this kind of results with tables rendered from `data`."""
     start, end = f"<!-- bench:{data['kind']}:start -->", f"<!-- bench:{data['kind']}:end -->"
@@ -184,6 +201,4 @@ def update_readme(readme: Path, data: dict) -> None:
     )
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
     new = pattern.sub(lambda _: f"{start}\n{body}\n{end}", text)
-    tmp = readme.with_suffix(".md.tmp")
-    tmp.write_text(new, encoding="utf-8")
-    tmp.replace(readme)
+    write_atomic(readme, new)

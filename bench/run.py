@@ -38,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from report import render_results, update_readme  # noqa: E402  (bench/report.py)
+from report import read_results, render_results, update_readme, write_atomic  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 REAL_MODEL = Path.home() / ".cache/qwen-real/Qwen2.5-Coder-0.5B-Instruct"
@@ -437,9 +437,9 @@ def measure_scaling(args, workdir, gc_settings) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.render:
-        data = json.loads(Path(args.render).read_text(encoding="utf-8"))
+        data = read_results(args.render)
         markdown = render_results(data)
-        Path(args.render).with_suffix(".md").write_text(markdown, encoding="utf-8")
+        write_atomic(Path(args.render).with_suffix(".md"), markdown)
         if args.readme:
             update_readme(ROOT / "README.md", data)
         print(markdown)
@@ -498,9 +498,7 @@ def main(argv=None) -> int:
     kind = "-scaling" if args.lengths else ""
     stem = out / f"{device_name}{kind}{'-tiny' if args.tiny else ''}-{date}"
     for suffix, text in ((".json", json.dumps(data, indent=2)), (".md", markdown)):
-        tmp = stem.with_suffix(suffix + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(stem.with_suffix(suffix))
+        write_atomic(stem.with_suffix(suffix), text)
     if args.readme:
         update_readme(ROOT / "README.md", data)
     print(f"written {stem}.md and .json")

@@ -150,6 +150,18 @@ def test_the_profile_estimates_ours_ceiling_from_the_work_both_contenders_do():
     assert op_profile.ceiling_lines(idle, filled=True) == []
 
 
+def test_render_of_a_missing_or_broken_results_file_is_a_one_line_error(tmp_path):
+    import op_profile
+
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json", encoding="utf-8")
+    for main in (run.main, op_profile.main):
+        for path in (tmp_path / "missing.json", broken):
+            with pytest.raises(SystemExit, match=f"cannot read results {path}"):
+                main(["--render", str(path)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.json"]  # nothing written
+
+
 def test_readme_block_is_regenerated_from_the_json_and_nothing_else_changes(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(
