@@ -77,14 +77,14 @@ demo: $(EVAL)
 	HF_HUB_OFFLINE=1 $(BIN)/python infer.py --adapter $(OUT)/demo --export $(OUT)/demo-merged
 	@echo "== demo done: adapter in $(OUT)/demo, before/after in $(OUT)/demo/compare.jsonl, merged model in $(OUT)/demo-merged"
 
-# The real Qwen2.5-Coder-0.5B on a quiet machine (~3 h on 2 cores): every contender with gradient
-# checkpointing off and on, then ours vs TRL at 256-2048 tokens, where the time goes
-# (torch.profiler: ours vs TRL at each of those lengths, ours vs the tutorial on the main rows), then
-# data preparation. The README's tables are regenerated from the results
-# JSON (--readme).
+# The real Qwen2.5-Coder-0.5B on a quiet machine (~5 h on 2 cores): every contender with gradient
+# checkpointing off and on (~1.5 h), then ours vs TRL at 256-2048 tokens (~3 h: the same 16 steps,
+# 2 untimed, at 2048 tokens a step of TRL's takes 1-2 min), where the time goes (torch.profiler:
+# ours vs TRL at each of those lengths, ours vs the tutorial on the main rows), then data
+# preparation. The README's tables are regenerated from the results JSON (--readme).
 bench: $(DEV)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/run.py --readme $(ARGS)
-	HF_HUB_OFFLINE=1 $(BIN)/python bench/run.py --lengths 256,512,1024,2048 --steps 4 --warmup-steps 1 --batch-size 1 --grad-accum 2 --readme $(ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/run.py --lengths 256,512,1024,2048 --batch-size 1 --grad-accum 2 --readme $(ARGS)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/op_profile.py --lengths 256,512,1024,2048 --steps 3 --warmup-steps 1 --batch-size 1 --grad-accum 2 --grad-checkpointing both $(ARGS)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/op_profile.py --contenders ours,tutorial --steps 3 --warmup-steps 1 --grad-checkpointing off $(ARGS)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/data_prep.py

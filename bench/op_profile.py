@@ -181,9 +181,10 @@ def render(data: dict) -> str:
 
 def main(argv=None) -> int:
     args = bench.parse_args(argv)
-    if args.render:  # re-render the Markdown of a saved profile
-        markdown = render(bench.read_results(args.render))
-        bench.write_atomic(Path(args.render).with_suffix(".md"), markdown)
+    if args.render:  # re-render the Markdown of saved profiles
+        profiles = [bench.read_results(path) for path in args.render]
+        for path, data in zip(args.render, profiles, strict=True):
+            bench.write_atomic(Path(path).with_suffix(".md"), render(data))
         return 0
     workdir = Path(tempfile.mkdtemp(prefix="lora-profile-"))
     bench.resolve_model(args, workdir)

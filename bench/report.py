@@ -2,7 +2,8 @@
 
 `render_results(data)` is the whole results file; `update_readme` puts the same tables into
 README.md between its `<!-- bench:KIND:start -->` and `<!-- bench:KIND:end -->` markers, so the
-README's numbers are always regenerated from a JSON, never typed by hand. `write_atomic` is how
+README's numbers are always regenerated from a JSON, never typed by hand: from one run, or for
+the scaling table from several runs of different max lengths (a long run split in two). `write_atomic` is how
 every bench script writes a file, `read_results` how each `--render` reads one.
 """
 
@@ -84,19 +85,30 @@ def memory_lines(memory: dict) -> list[str]:
     return lines + [""]
 
 
-def header(data: dict) -> list[str]:
-    s, v = data["settings"], data["versions"]
+def settings_line(data: dict) -> str:
+    s = data["settings"]
     tiny = " **(tiny random smoke-test model: these numbers mean nothing)**" if s["tiny"] else ""
-    return [
+    return (
         f"Model `{s['model']}`{tiny}, rows of `{s['data']}`, {s['steps']} optimizer steps per run "
         f"(the first {s['warmup_steps']} untimed), {s['repeats']} run(s) per contender (order alternating), "
-        f"batch {s['batch_size']} × accumulation {s['grad_accum']}, r=8, α=16, q/v, lr 2e-4, seed {s['seed']}. "
+        f"batch {s['batch_size']} × accumulation {s['grad_accum']}, r=8, α=16, q/v, lr 2e-4, seed {s['seed']}."
+    )
+
+
+def machine_line(data: dict) -> str:
+    load = data["load_average"]
+    return (
         f"Matmul peak measured in the same run: {data['matmul_peak_flops'] / 1e9:.0f} GFLOP/s. "
-        f"Load average {data['load_average']['start'][0]:.1f} at start, {data['load_average']['end'][0]:.1f} at end.",
-        "",
-        "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",
-        "",
-    ]
+        f"Load average {load['start'][0]:.1f} at start, {load['end'][0]:.1f} at end."
+    )
+
+
+def versions_line(data: dict) -> str:
+    return "Versions: " + ", ".join(f"{k} {val}" for k, val in data["versions"].items()) + "."
+
+
+def header(data: dict) -> list[str]:
+    return [f"{settings_line(data)} {machine_line(data)}", "", versions_line(data), ""]
 
 
 def render_main(data: dict) -> list[str]:
@@ -185,13 +197,67 @@ def read_results(path: str) -> dict:
         raise SystemExit(f"error: cannot read results {path}: {e}") from None
 
 
-def update_readme(readme: Path, data: dict) -> None:
-    """Replace the README's block for this kind of results with tables rendered from `data`."""
-    start, end = f"<!-- bench:{data['kind']}:start -->", f"<!-- bench:{data['kind']}:end -->"
-    text = readme.read_text(encoding="utf-8")
-    if start not in text or end not in text:
-        raise SystemExit(f"{readme} has no {start} … {end} block to regenerate")
-    body = "\n".join(
+# Settings that must agree for two scaling runs' rows to share one table.
+SHARED_SETTINGS = ("model", "tiny", "data", "steps", "warmup_steps", "repeats", "batch_size",
+                   "grad_accum", "seed")  # fmt: skip
+
+
+def check_combinable(runs: list[dict], names: list[str]) -> None:
+    """Several results go into one README block only as scaling runs of different max lengths,
+    on the same device with the same settings: one table, each ratio still within one run."""
+    if len(runs) < 2:
+        return
+    for data, name in zip(runs, names, strict=True):
+        if data["kind"] != "scaling":
+            raise SystemExit(f"error: only scaling runs combine into one table; {name} is not one")
+    first, first_name = runs[0], names[0]
+    seen = {}
+    for data, name in zip(runs, names, strict=True):
+        if data["device"] != first["device"]:
+            raise SystemExit(
+                f"error: {first_name} and {name} ran on different devices "
+                f"({first['device']} vs {data['device']}): their rows do not share a table"
+            )
+        for key in SHARED_SETTINGS:
+            a, b = first["settings"][key], data["settings"][key]
+            if a != b:
+                raise SystemExit(
+                    f"error: {first_name} and {name} differ in {key} ({a} vs {b}): "
+                    "their rows do not share a table"
+                )
+        for length in data["lengths"]:
+            if length in seen:
+                raise SystemExit(f"error: max length {length} is in both {seen[length]} and {name}")
+            seen[length] = name
+
+
+def combined_scaling(runs: list[dict]) -> list[str]:
+    """One scaling table from runs of different max lengths, each run's machine named."""
+    runs = sorted(runs, key=lambda data: min(int(length) for length in data["lengths"]))
+    lines = [
+        f"Latest runs: {len(runs)} on {runs[0]['device']}, split by max length; every ratio below "
+        "compares the contenders of one run.",
+        "",
+    ]
+    for data in runs:
+        lengths = ", ".join(data["lengths"])
+        lines.append(
+            f"- Max length {lengths}: {data['date']}, `{data['command']}`. {machine_line(data)} "
+            f"{versions_line(data)}"
+        )
+    blocks = {length: block for data in runs for length, block in data["lengths"].items()}
+    merged = {
+        "device": runs[0]["device"],
+        "lengths": dict(sorted(blocks.items(), key=lambda item: int(item[0]))),
+    }
+    return [*lines, "", settings_line(runs[0]), "", *render_scaling(merged)]
+
+
+def readme_body(runs: list[dict]) -> str:
+    if len(runs) > 1:
+        return "\n".join(combined_scaling(runs))
+    data = runs[0]
+    return "\n".join(
         [
             f"Latest run: {data['device']}, {data['date']}, `{data['command']}`.",
             "",
@@ -199,6 +265,17 @@ def update_readme(readme: Path, data: dict) -> None:
             *tables(data),
         ]
     )
+
+
+def update_readme(readme: Path, *runs: dict) -> None:
+    """Replace the README's block for this kind of results with tables rendered from `runs`
+    (one results JSON, or scaling runs of different lengths that `check_combinable` passed)."""
+    kind = runs[0]["kind"]
+    start, end = f"<!-- bench:{kind}:start -->", f"<!-- bench:{kind}:end -->"
+    text = readme.read_text(encoding="utf-8")
+    if start not in text or end not in text:
+        raise SystemExit(f"{readme} has no {start} … {end} block to regenerate")
+    body = readme_body(list(runs))
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
     new = pattern.sub(lambda _: f"{start}\n{body}\n{end}", text)
     write_atomic(readme, new)

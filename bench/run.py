@@ -4,6 +4,7 @@ recipe, side by side, each with gradient checkpointing off and on.
     python bench/run.py [--model DIR | --config qwen2.5-0.5b | --tiny] [--steps 16] [--repeats 1]
     python bench/run.py --lengths 256,512,1024,2048 [--steps 6]    # sequence-length scaling
     python bench/run.py --render bench/results/X.json [--readme]     # re-render from a JSON
+    python bench/run.py --render A.json B.json --readme    # scaling runs of other lengths, one table
 
 Every contender runs in a fresh process (bench/contender.py) for the same optimizer steps on
 the same rows, model, seed, r=8, α=16, q/v targets, lr, batch 4, accumulation 2, max length
@@ -38,7 +39,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from report import read_results, render_results, update_readme, write_atomic  # noqa: E402
+from report import (  # noqa: E402
+    check_combinable,
+    read_results,
+    render_results,
+    update_readme,
+    write_atomic,
+)
 
 SHARED = ROOT.parent / "shared"
 REAL_MODEL = Path.home() / ".cache/qwen-real/Qwen2.5-Coder-0.5B-Instruct"
@@ -365,7 +372,14 @@ def parse_args(argv):
     p.add_argument("--contenders", default=None, help=f"default {','.join(CONTENDERS)}")
     p.add_argument("--no-memory-breakdown", dest="memory_breakdown", action="store_false")
     p.add_argument("--results", default=str(ROOT / "bench/results"))
-    p.add_argument("--render", default=None, help="re-render the Markdown of a results JSON")
+    p.add_argument(
+        "--render",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="re-render the Markdown of results JSONs (with --readme, several scaling runs of "
+        "different max lengths make one table)",
+    )
     p.add_argument(
         "--readme", action="store_true", help="also rewrite README.md's table from the results"
     )
@@ -437,12 +451,15 @@ def measure_scaling(args, workdir, gc_settings) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.render:
-        data = read_results(args.render)
-        markdown = render_results(data)
-        write_atomic(Path(args.render).with_suffix(".md"), markdown)
+        runs = [read_results(path) for path in args.render]
         if args.readme:
-            update_readme(ROOT / "README.md", data)
-        print(markdown)
+            check_combinable(runs, args.render)
+        for path, data in zip(args.render, runs, strict=True):
+            markdown = render_results(data)
+            write_atomic(Path(path).with_suffix(".md"), markdown)
+            print(markdown)
+        if args.readme:
+            update_readme(ROOT / "README.md", *runs)
         return 0
     if args.tiny and args.readme:
         raise SystemExit(

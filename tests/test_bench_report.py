@@ -1,6 +1,8 @@
 """The benchmark's arithmetic and reports: steady-state timing, like-with-like ratios, and the
 README table regenerated from a results JSON (bench/run.py, bench/report.py; nothing timed)."""
 
+import json
+import re
 import sys
 from pathlib import Path
 
@@ -179,3 +181,62 @@ def test_readme_without_the_markers_is_a_clear_error(tmp_path):
     readme.write_text("no markers\n")
     with pytest.raises(SystemExit, match="no <!-- bench:main:start -->"):
         report.update_readme(readme, results_json())
+
+
+def scaling_json(lengths, command, peak=2.0e11, steps=16):
+    data = results_json()
+    block = {
+        "rows": 8,
+        "mean_len": 250.0,
+        "results": {
+            run.variant("ours", False): summary(70.0, 3000.0, 2.0)
+            | {"median_step_s": 7.0, "min_step_s": 6.0, "max_step_s": 8.0},
+        },
+        "ratios": {"ours/trl, grad ckpt off": {"real tokens/s": 1.25, "peak memory": 0.8,
+                                               "held-out loss": 1.0}},
+    }  # fmt: skip
+    data |= {"kind": "scaling", "command": command, "matmul_peak_flops": peak}
+    data["settings"] = data["settings"] | {"steps": steps, "batch_size": 1, "lengths": lengths}
+    data["lengths"] = {length: block for length in lengths.split(",")}
+    return data
+
+
+def test_scaling_runs_of_different_lengths_make_one_readme_table_in_length_order(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- bench:scaling:start -->\nold\n<!-- bench:scaling:end -->\n")
+    long = scaling_json("2048,1024", "python bench/run.py --lengths 2048,1024", peak=2.56e11)
+    short = scaling_json("256,512", "python bench/run.py --lengths 256,512", peak=2.32e11)
+    report.check_combinable([long, short], ["long.json", "short.json"])
+    report.update_readme(readme, long, short)
+    text = readme.read_text()
+    # Each run is named with its own command and machine speed, the shorter lengths first...
+    assert text.index("--lengths 256,512`") < text.index("--lengths 2048,1024`")
+    assert "232 GFLOP/s" in text and "256 GFLOP/s" in text
+    # ...the settings they share once, and one table whose rows run 256 → 2048.
+    assert text.count("16 optimizer steps per run") == 1
+    rows = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| ") and
+            "ours, grad ckpt off" in line]  # fmt: skip
+    assert rows == ["| 256", "| 512", "| 1024", "| 2048"]
+    assert [line for line in text.splitlines() if line.startswith("- max length")] == [
+        "- max length 256:", "- max length 512:", "- max length 1024:", "- max length 2048:"
+    ]  # fmt: skip
+    assert "old" not in text
+
+
+def test_only_like_scaling_runs_of_disjoint_lengths_combine(tmp_path, monkeypatch):
+    monkeypatch.setattr(run, "ROOT", tmp_path)  # --readme would write tmp_path/README.md
+    a = scaling_json("256,512", "python bench/run.py --lengths 256,512")
+    unlike = {
+        "differ in steps (16 vs 4)": scaling_json("1024", "c", steps=4),
+        "max length 512 is in both a.json and b.json": scaling_json("512,1024", "c"),
+        "b.json is not one": results_json(),
+    }
+    for message, b in unlike.items():
+        paths = []
+        for name, data in (("a.json", a), ("b.json", b)):
+            (tmp_path / name).write_text(json.dumps(data), encoding="utf-8")
+            paths.append(str(tmp_path / name))
+        with pytest.raises(SystemExit, match=re.escape(message.replace("a.json", paths[0])
+                                                       .replace("b.json", paths[1]))):  # fmt: skip
+            run.main(["--render", *paths, "--readme"])
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json"]  # nothing written
