@@ -86,7 +86,7 @@ bench: $(DEV)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/run.py --readme $(ARGS)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/run.py --lengths 256,512,1024,2048 --batch-size 1 --grad-accum 2 --readme $(ARGS)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/op_profile.py --lengths 256,512,1024,2048 --steps 3 --warmup-steps 1 --batch-size 1 --grad-accum 2 --grad-checkpointing both $(ARGS)
-	HF_HUB_OFFLINE=1 $(BIN)/python bench/op_profile.py --contenders ours,tutorial --steps 3 --warmup-steps 1 --grad-checkpointing off $(ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/op_profile.py --contenders ours,tutorial --steps 3 --warmup-steps 1 --grad-checkpointing both $(ARGS)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/data_prep.py
 
 # The same comparisons, shorter (~1 h): 6 steps (4 timed), lengths up to 1024, 20k synthetic rows.

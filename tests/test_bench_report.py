@@ -217,7 +217,8 @@ def test_scaling_runs_of_different_lengths_make_one_readme_table_in_length_order
     rows = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| ") and
             "ours, grad ckpt off" in line]  # fmt: skip
     assert rows == ["| 256", "| 512", "| 1024", "| 2048"]
-    assert [line for line in text.splitlines() if line.startswith("- max length")] == [
+    assert [line for line in text.splitlines() if line.startswith("- max length") and
+            line.endswith(":")] == [  # fmt: skip
         "- max length 256:", "- max length 512:", "- max length 1024:", "- max length 2048:"
     ]  # fmt: skip
     assert "old" not in text
@@ -240,3 +241,32 @@ def test_only_like_scaling_runs_of_disjoint_lengths_combine(tmp_path, monkeypatc
                                                        .replace("b.json", paths[1]))):  # fmt: skip
             run.main(["--render", *paths, "--readme"])
         assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json"]  # nothing written
+
+
+def test_each_ratio_is_held_to_its_target_and_a_miss_names_the_profile_that_explains_it():
+    data = results_json()
+    data["ratios"] = {
+        "ours/trl, grad ckpt off": {"real tokens/s": 2.0, "peak memory": 0.7, "held-out loss": 1.0},
+        "ours/tutorial, grad ckpt off": {"real tokens/s": 3.5, "peak memory": 0.6,
+                                         "held-out loss": 1.0},
+        "ours/peft-trainer, grad ckpt on": {"real tokens/s": 1.4, "peak memory": 0.5,
+                                            "held-out loss": 1.03},
+        "ours/trl, grad ckpt on": {"real tokens/s": 1.6, "peak memory": 0.9, "held-out loss": 1.0},
+    }  # fmt: skip
+    text = report.render_results(data)
+    assert "1 of 4 ratios meet their targets" in text
+    misses = [line for line in text.splitlines() if line.startswith("- ours/") and "→" in line]
+    assert misses == [
+        "- ours/tutorial, grad ckpt off: real tokens/s 3.50× < 4×: `python bench/op_profile.py "
+        "--contenders ours,tutorial --grad-checkpointing off` (with this run's other flags) → "
+        "`bench/results/cpu-2cores-profile-ours-tutorial-2026-12-06.md`",
+        "- ours/peft-trainer, grad ckpt on: held-out loss 1.030× (not within 2%): `python "
+        "bench/op_profile.py --contenders ours,peft-trainer --grad-checkpointing on` (with this "
+        "run's other flags) → `bench/results/cpu-2cores-profile-ours-peft-trainer-2026-12-06.md`",
+        "- ours/trl, grad ckpt on: peak memory 0.90× > 0.85×: `python bench/op_profile.py "
+        "--grad-checkpointing on` (with this run's other flags) → "
+        "`bench/results/cpu-2cores-profile-2026-12-06.md`",
+    ]
+    # A tiny smoke-test model's ratios are not held to anything.
+    data["settings"]["tiny"] = True
+    assert "Against the targets" not in report.render_results(data)
