@@ -1,10 +1,13 @@
 """Markdown from a benchmark results JSON (bench/run.py writes it; nothing here measures).
 
-`render_results(data)` is the whole results file; `update_readme` puts the same tables into
-README.md between its `<!-- bench:KIND:start -->` and `<!-- bench:KIND:end -->` markers, so the
-README's numbers are always regenerated from a JSON, never typed by hand: from one run, or for
-the scaling table from several runs of different max lengths (a long run split in two). `write_atomic` is how
-every bench script writes a file, `read_results` how each `--render` reads one.
+`render_results(data)` is the whole results file: tables, ratios (ours / each other contender at
+the same checkpointing setting), and each ratio held to its target in `TARGETS`, a missed one
+pointing at the profile that says why. `update_readme` puts the same tables into README.md
+between its `<!-- bench:KIND:start -->` and `<!-- bench:KIND:end -->` markers, so the README's
+numbers are always regenerated from a JSON, never typed by hand: from one run, or for the
+scaling table from several runs of different max lengths (a long run split in two).
+`write_atomic` is how every bench script writes a file, `read_results` how each `--render` reads
+one.
 """
 
 from __future__ import annotations
