@@ -26,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 import run as bench  # noqa: E402  (bench/run.py)
+from report import profile_stem  # noqa: E402
 
 GROUPS = {  # op-name fragments → what they are
     "matrix products (linear layers, lm_head)": ("aten::mm", "aten::addmm", "aten::bmm"),
@@ -214,12 +215,8 @@ def profile_rows(args, length: str | None, workdir: Path, command: str) -> dict:
         "mean_len": spec["mean_len"],
         "runs": runs,
     }
-    suffix = "-tiny" if args.tiny else ""
-    if contenders != "ours,trl":  # other contenders: another file, not over the TRL profile
-        suffix += "-" + contenders.replace(",", "-")
-    if length:  # --lengths: one file per max length
-        suffix += f"-{spec['max_len']}"
-    stem = Path(args.results) / f"{device}-profile{suffix}-{data['date']}"
+    name = profile_stem(device, data["date"], contenders, length and spec["max_len"], args.tiny)
+    stem = Path(args.results) / name
     stem.parent.mkdir(parents=True, exist_ok=True)
     for ext, text in ((".json", json.dumps(data, indent=2)), (".md", render(data))):
         bench.write_atomic(stem.with_suffix(ext), text)

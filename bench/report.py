@@ -1,8 +1,8 @@
 """Markdown from a benchmark results JSON (bench/run.py writes it; nothing here measures).
 
 `render_results(data)` is the whole results file: tables, ratios (ours / each other contender at
-the same checkpointing setting), and each ratio held to its target in `TARGETS`, a missed one
-pointing at the profile that says why. `update_readme` puts the same tables into README.md
+the same checkpointing setting), and each ratio held to its target in `TARGETS`, a missed speed
+target pointing at the profile that says why. `update_readme` puts the same tables into README.md
 between its `<!-- bench:KIND:start -->` and `<!-- bench:KIND:end -->` markers, so the README's
 numbers are always regenerated from a JSON, never typed by hand: from one run, or for the
 scaling table from several runs of different max lengths (a long run split in two).
@@ -60,9 +60,9 @@ TARGETS = {
 HELDOUT_TOLERANCE = 0.02  # held-out loss within 2% of the other's: the same learning
 
 
-def missed_targets(key: str, ratio: dict) -> list[str]:
-    """What `ratio` (ours/OTHER, grad ckpt …) misses of OTHER's targets, e.g. '1.15× < 1.5×'."""
-    target = TARGETS.get(key.split("/", 1)[1].split(",")[0], {})
+def missed_targets(other: str, ratio: dict) -> list[str]:
+    """What `ratio` (ours/`other`) misses of `other`'s targets, e.g. 'real tokens/s 1.15× < 1.5×'."""
+    target = TARGETS.get(other, {})
     missed = []
     if ratio["real tokens/s"] < target.get("real tokens/s", 0):
         missed.append(f"real tokens/s {ratio['real tokens/s']:.2f}× < {target['real tokens/s']:g}×")
@@ -73,18 +73,28 @@ def missed_targets(key: str, ratio: dict) -> list[str]:
     return missed
 
 
-def profile_for(device: str, date: str, other: str, length: str | None, gc: str):
-    """The op_profile command, and the results file it writes that day, for ours vs `other`."""
-    names = "" if other == "trl" else f"-ours-{other}"
-    contenders = "" if other == "trl" else f" --contenders ours,{other}"
-    at = f" --lengths {length}" if length else ""
-    command = f"python bench/op_profile.py{contenders}{at} --grad-checkpointing {gc}"
-    path = f"bench/results/{device}-profile{names}{f'-{length}' if length else ''}-{date}.md"
-    return command, path
+def profile_stem(device: str, date: str, contenders: str, length=None, tiny=False) -> str:
+    """The name bench/op_profile.py gives a profile: ours vs TRL on the main rows is
+    <device>-profile-<date>; other contenders, a max length, the tiny model each add a part."""
+    parts = ["-tiny"] if tiny else []
+    if contenders != "ours,trl":  # another file, not over the TRL profile
+        parts.append("-" + contenders.replace(",", "-"))
+    if length:  # --lengths: one file per max length
+        parts.append(f"-{length}")
+    return f"{device}-profile{''.join(parts)}-{date}"
+
+
+def profile_pointer(device: str, date: str, other: str, length, gc: str) -> str:
+    """The op_profile command for ours vs `other`, and the file it writes on that day."""
+    contenders = "ours,trl" if other == "trl" else f"ours,{other}"
+    flags = "" if other == "trl" else f" --contenders {contenders}"
+    flags += (f" --lengths {length}" if length else "") + f" --grad-checkpointing {gc}"
+    path = f"bench/results/{profile_stem(device, date, contenders, length)}.md"
+    return f"`python bench/op_profile.py{flags}` (with this run's other flags) → `{path}`"
 
 
 def target_lines(device: str, scopes: dict[str | None, tuple[str, dict]]) -> list[str]:
-    """Each ratio against its target; for those missed, the profile that says why.
+    """Each ratio against its target; for a speed target missed, the profile that says why.
 
     `scopes` maps a max length (None for the main table) to (date of its run, its ratios).
     """
@@ -97,9 +107,9 @@ def target_lines(device: str, scopes: dict[str | None, tuple[str, dict]]) -> lis
     for length, (date, ratios) in scopes.items():
         for key, ratio in ratios.items():  # "ours/trl, grad ckpt off"
             total += 1
-            other, setting = key.split("/", 1)[1].split(", grad ckpt ")
-            if missed := missed_targets(key, ratio):
-                misses.setdefault((other, length, date), {})[setting] = "; ".join(missed)
+            other, setting = key.removeprefix("ours/").split(", grad ckpt ")
+            if missed := missed_targets(other, ratio):
+                misses.setdefault((other, length, date), {})[setting] = missed
     n_missed = sum(len(v) for v in misses.values())
     lines = [
         f"Against the targets ({wanted}; held-out loss within 2% of each, at the same "
@@ -108,16 +118,17 @@ def target_lines(device: str, scopes: dict[str | None, tuple[str, dict]]) -> lis
     ]
     if not misses:
         return lines
-    lines += ["Missed, and the profile that says why (torch.profiler's top ops, and the ceiling "
-              "they put on ours' lead):", ""]  # fmt: skip
+    lines += ["Missed (for speed, the profile that says why: torch.profiler's top ops, and the "
+              "ceiling they put on ours' lead):", ""]  # fmt: skip
     for (other, length, date), by_setting in misses.items():
-        gc = "both" if len(by_setting) > 1 else next(iter(by_setting))
-        command, path = profile_for(device, date, other, length, gc)
         at = f"max length {length}, " if length else ""
-        what = "; ".join(f"grad ckpt {setting}: {text}" for setting, text in by_setting.items())
-        lines.append(
-            f"- {at}ours/{other}, {what}: `{command}` (with this run's other flags) → `{path}`"
-        )
+        what = "; ".join(f"grad ckpt {gc}: {'; '.join(m)}" for gc, m in by_setting.items())
+        slow = [gc for gc, m in by_setting.items() if any(x.startswith("real tok") for x in m)]
+        why = ""
+        if slow:
+            gc = "both" if len(slow) > 1 else slow[0]
+            why = ": " + profile_pointer(device, date, other, length, gc)
+        lines.append(f"- {at}ours/{other}, {what}{why}")
     return lines + [""]
 
 
