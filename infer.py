@@ -3,8 +3,8 @@
 Modes: one question (--prompt, or --instruction/--input), a file of questions (--file), an
 interactive chat (no question and a terminal, or --chat), before/after (--compare), --export DIR
 to write a merged standalone checkpoint, --export-gguf FILE for llama.cpp and Ollama (a GGUF
-file and a Modelfile), and --inspect to see what training changed. A thin CLI over
-`lora.generate`, `lora.answers`, `lora.score`, `lora.gguf`, `lora.serving` and `lora.inspect`.
+file and a Modelfile), and --inspect to see what training changed. A thin CLI over `lora/infer/`
+(its flags are declared in `lora/infer/options.py`), `lora/export/` and `lora/inspect.py`.
 """
 
 from __future__ import annotations
@@ -16,9 +16,8 @@ import re
 import sys
 from pathlib import Path
 
-from lora.config import QUANTIZE_CHOICES
 from lora.errors import UserError, os_error_line
-from lora.sampling import GenerationSettings
+from lora.infer.options import add_infer_flags
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,147 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate with a LoRA adapter trained by train.py (or by peft).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument(
-        "--adapter", required=True, help="adapter directory (train.py's --output, or out/best)"
-    )
-    p.add_argument(
-        "--model", default=None, help="base model (default: the one recorded in the adapter)"
-    )
-    q = p.add_argument_group("what to ask")
-    q.add_argument("--prompt", default=None, help="one question")
-    q.add_argument("--instruction", default=None, help="Alpaca-style instruction (with --input)")
-    q.add_argument("--input", default="", help="Alpaca-style input for --instruction")
-    q.add_argument(
-        "--file",
-        default=None,
-        help="questions file (any format train.py reads; answers become references)",
-    )
-    q.add_argument(
-        "--output",
-        default=None,
-        help="with --file: append answers here as JSONL; a rerun skips rows already answered "
-        "(default: stdout)",
-    )
-    q.add_argument(
-        "--chat",
-        action="store_true",
-        help="interactive chat reading standard input, even without a terminal",
-    )
-    q.add_argument("--columns", default=None, help="with --file: column mapping as in train.py")
-    q.add_argument(
-        "--system",
-        default=None,
-        help="system prompt (default: train.py --system, else the one most training rows had; "
-        "'' for none)",
-    )
-    q.add_argument(
-        "--show-reasoning",
-        action="store_true",
-        help="print the model's <think> reasoning before its answer (always kept in --file output)",
-    )
-    m = p.add_argument_group("modes")
-    m.add_argument(
-        "--score",
-        action="store_true",
-        help="with --file: score the answers against the file's own answers (reference NLL, "
-        "BLEU-4, ROUGE, answer health) into score.json; with --compare for the base model too",
-    )
-    m.add_argument(
-        "--compare",
-        action="store_true",
-        help="show the base model's answer beside the fine-tuned one",
-    )
-    m.add_argument(
-        "--merge",
-        action="store_true",
-        help="merge LoRA into the weights before generating: faster; exact in fp32, rounded in "
-        "bf16/fp16 (the logit difference is measured and printed)",
-    )
-    m.add_argument(
-        "--export",
-        default=None,
-        metavar="DIR",
-        help="write a merged standalone HF checkpoint to DIR",
-    )
-    m.add_argument(
-        "--export-gguf",
-        default=None,
-        metavar="FILE",
-        help="write base + adapter as one GGUF file for llama.cpp, with an Ollama Modelfile beside it",
-    )
-    m.add_argument(
-        "--gguf-type",
-        default="f16",
-        choices=["f32", "f16", "bf16", "q8_0"],
-        help="weight type of --export-gguf (norms and biases stay f32)",
-    )
-    m.add_argument(
-        "--inspect",
-        action="store_true",
-        help="what did training change? per-module ‖ΔW‖, spectra, ranks; writes inspect.json/.png",
-    )
-    m.add_argument(
-        "--inspect-layers",
-        default=None,
-        help="with --inspect: layers for the W0-SVD comparisons, 0,12,23 or all (default: first, middle, last)",
-    )
-    m.add_argument(
-        "--no-base",
-        action="store_true",
-        help="with --inspect: read only the adapter file (fast; no ‖W0‖, no amplification)",
-    )
-    g = p.add_argument_group("generation")
-    d = GenerationSettings()  # the one place these defaults live
-    g.add_argument(
-        "--max-new-tokens",
-        type=int,
-        default=d.max_new_tokens,
-        help="stop after this many new tokens (an answer cut there is flagged)",
-    )
-    g.add_argument(
-        "--temperature", type=float, default=d.temperature, help="0 = greedy; > 0 samples"
-    )
-    g.add_argument(
-        "--top-p",
-        type=float,
-        default=d.top_p,
-        help="with --temperature: sample from the smallest set of tokens whose probabilities sum to this",
-    )
-    g.add_argument(
-        "--top-k",
-        type=int,
-        default=d.top_k,
-        help="with --temperature: sample from the k most likely tokens (0 = off)",
-    )
-    g.add_argument(
-        "--repetition-penalty",
-        type=float,
-        default=d.repetition_penalty,
-        help="> 1 discourages repeating tokens (1 = off)",
-    )
-    g.add_argument("--seed", type=int, default=0, help="random seed for sampling")
-    g.add_argument(
-        "--batch-size", type=int, default=8, help="questions per generate call with --file"
-    )
-    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    g.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "fp32", "bf16", "fp16"],
-        help="base weights' dtype (auto: bf16 on GPU, fp32 on CPU)",
-    )
-    g.add_argument(
-        "--quantize",
-        default="none",
-        choices=QUANTIZE_CHOICES,
-        help="load the base in 4-bit NF4 or 8-bit (QLoRA; needs bitsandbytes); --export and "
-        "--merge always use the unquantized checkpoint",
-    )
-    g.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="allow model code from the checkpoint (off: only transformers' own code runs)",
-    )
+    add_infer_flags(p)  # every flag, its default and help: lora/infer/options.py
     return p
 
 
@@ -230,7 +89,7 @@ def check_combinations(args) -> None:
     if (args.no_base or args.inspect_layers) and not args.inspect:
         raise UserError("--no-base and --inspect-layers go with --inspect")
     if args.score:
-        from lora.score import metric_libraries
+        from lora.infer.score import metric_libraries
 
         if not args.file:
             raise UserError(
@@ -238,28 +97,28 @@ def check_combinations(args) -> None:
             )
         metric_libraries()  # a missing metric library is reported before the model loads
     if args.export_gguf:  # refuse a bad output path before writing anything
-        from lora.gguf import check_output_path
+        from lora.export.gguf import check_output_path
 
         check_output_path(args.export_gguf)
 
 
 def export_and_inspect(args) -> bool:
     """--export, --export-gguf, --inspect; True when any of them ran."""
-    from lora import generate as gen
-
     if args.export:
+        from lora.export.merged import export_merged
+
         if args.quantize != "none":
             print(
                 f"note: --export merges into the unquantized base checkpoint; --quantize "
                 f"{args.quantize} applies only to generation",
                 file=sys.stderr,
             )
-        path = gen.export_merged(args.adapter, args.export, args.model, args.trust_remote_code)
+        path = export_merged(args.adapter, args.export, args.model, args.trust_remote_code)
         print(
             f"merged model written to {path}: load it with AutoModelForCausalLM.from_pretrained('{path}')"
         )
     if args.export_gguf:
-        from lora.gguf import export_gguf
+        from lora.export.gguf import export_gguf
 
         gguf_path, modelfile_path = export_gguf(
             args.adapter, args.export_gguf, args.gguf_type, args.model, args.trust_remote_code
@@ -277,7 +136,7 @@ def export_and_inspect(args) -> bool:
 def read_questions(args) -> list:
     if not args.file:
         return []
-    from lora.data import read_dataset
+    from lora.data.records import read_dataset
 
     questions, report = read_dataset(args.file, args.columns, questions=True)
     for line in report.lines():
@@ -289,18 +148,13 @@ def load(args, questions):
     """Base + adapter as the flags say (merged with --merge); returns (loaded, settings)."""
     import torch
 
-    from lora import generate as gen
+    from lora.infer import generate as gen
 
     torch.manual_seed(args.seed)
-    loaded = gen.load_for_inference(
-        args.adapter,
-        args.model,
-        args.device,
-        args.dtype,
-        args.trust_remote_code,
-        system=args.system,
-        quantize=args.quantize,
+    options = gen.LoadOptions(
+        args.model, args.device, args.dtype, args.quantize, args.trust_remote_code, args.system
     )
+    loaded = gen.load_for_inference(args.adapter, options)
     if loaded.system_source == "data":
         print(
             f"note: using the system prompt most training rows carried: {loaded.fmt.system!r} "
@@ -318,7 +172,7 @@ def load(args, questions):
 
 def ask_one(loaded, settings, args) -> None:
     """--prompt or --instruction/--input: one answer (with --compare, the base model's too)."""
-    from lora import generate as gen
+    from lora.infer import generate as gen
 
     sample = gen.single_turn(
         args.prompt or args.instruction, args.input if args.instruction else ""
@@ -346,7 +200,7 @@ def ask_one(loaded, settings, args) -> None:
 
 def first_question(args, questions):
     """The prompt on which --merge measures what merging changed: the first one asked."""
-    from lora import generate as gen
+    from lora.infer import generate as gen
 
     if args.prompt or args.instruction:
         return gen.single_turn(
@@ -358,8 +212,8 @@ def first_question(args, questions):
 def answer_and_score(loaded, questions, settings, args) -> None:
     """--file: answers as JSONL (resumable with --output); --score: the before/after report."""
     from lora.adapter import atomic_write_bytes
-    from lora.answers import answer_file
-    from lora.score import format_report, score
+    from lora.infer.answers import answer_file
+    from lora.infer.score import format_report, score
 
     output = Path(args.output) if args.output else None
     records = answer_file(loaded, questions, settings, args.batch_size, output, args.compare)
@@ -378,8 +232,8 @@ def chat(loaded, settings) -> None:
     """Multi-turn chat on standard input; tokens are printed as they are generated."""
     from transformers import TextStreamer
 
-    from lora import generate as gen
-    from lora.data import Sample, Turn
+    from lora.data.records import Sample, Turn
+    from lora.infer import generate as gen
 
     history: list[Turn] = []
     streamer = TextStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)

@@ -1,7 +1,7 @@
 """Fine-tune a Qwen model with LoRA: `python train.py --data data/chinese_med.json`.
 
-A thin command line over `lora.trainer.train`. Every flag is generated from a `TrainConfig`
-field (`lora/config.py`), and `--config run.yaml` sets the same fields from a file; flags given
+A thin command line over `lora.train.loop.train`. Every flag is generated from a `TrainConfig`
+field (`lora/train/config.py`), and `--config run.yaml` sets the same fields from a file; flags given
 on the command line override the file.
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lora.config import TrainConfig, add_config_flags, read_config_file
 from lora.errors import TrainingInterrupted, UserError, os_error_line
+from lora.train.config import TrainConfig, add_config_flags, read_config_file
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +44,7 @@ def parse_config(argv=None) -> TrainConfig:
 def main(argv=None) -> int:
     try:
         cfg = parse_config(argv)
-        from lora.trainer import train  # torch loads only when there is something to train
+        from lora.train.loop import train  # torch loads only when there is something to train
 
         train(cfg)
     except UserError as e:

@@ -41,7 +41,7 @@ def peak_memory_mb(device) -> float:
 @torch.no_grad()
 def heldout_loss(model, rows, device) -> float:
     """Token-averaged next-token loss on held-out rows, computed the same way for everyone."""
-    from lora.loss import count_supervised
+    from lora.train.loss import count_supervised
 
     model.eval()
     total = count = 0.0
@@ -57,7 +57,7 @@ def heldout_loss(model, rows, device) -> float:
 
 
 def run_ours(spec, device):
-    from lora.trainer import TrainConfig, train
+    from lora.train.loop import TrainConfig, train
 
     out = Path(spec["workdir"]) / "ours"
     cfg = TrainConfig(

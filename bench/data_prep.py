@@ -102,9 +102,9 @@ class Start:
 def child_prepare(data: str, columns: str | None, cache_dir: str | None) -> dict:
     from transformers import AutoTokenizer
 
-    from lora.config import TrainConfig
-    from lora.prepare import prepare_data
-    from lora.prompt import PromptFormat
+    from lora.data.prepare import prepare_data
+    from lora.data.prompt import PromptFormat
+    from lora.train.config import TrainConfig
 
     tok = AutoTokenizer.from_pretrained(str(TOKENIZER))
     cfg = TrainConfig(

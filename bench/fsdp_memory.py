@@ -2,7 +2,7 @@
 
     nice python bench/fsdp_memory.py                        # qwen2.5-1.5b shape, random init (slow)
     nice python bench/fsdp_memory.py --layers 2 --steps 1   # a quick smoke run of the same code
-    python bench/fsdp_memory.py --estimates                 # the README's per-GPU table, no model
+    python bench/fsdp_memory.py --estimates                 # the per-GPU table in docs/distributed.md, no model
 
 A random-init model of the shape in ../shared/models/configs/qwen2.5-1.5b (bf16, saved once into
 --work, with the real Qwen2.5 tokenizer) trains a few steps through train.py's own code (`setup`
@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared"
 CONFIG = SHARED / "models/configs/qwen2.5-1.5b/config.json"
 TOKENIZER = SHARED / "models/qwen2.5-tokenizer"
-# Published config.json values of the models the README's table covers (7B's is in ../shared).
+# Published config.json values of the models docs/distributed.md's table covers (7B's is in ../shared).
 QWEN25 = {
     "7B": dict(hidden_size=3584, num_hidden_layers=28, intermediate_size=18944,
                num_attention_heads=28, num_key_value_heads=4, vocab_size=152064),
@@ -83,13 +83,13 @@ def worker(args) -> None:
     """One process (of 1 or 2): setup and a few steps as train.py runs them, then its numbers."""
     import torch
 
-    from lora.config import TrainConfig, check_config
-    from lora.distributed import init_distributed, shutdown, stop_signals
-    from lora.precision import resolve_precision
-    from lora.run import setup
-    from lora.rundir import prepare_run_dir, run_dir_lock
-    from lora.sharding import check_sharding
-    from lora.trainer import train_loop
+    from lora.train.config import TrainConfig, check_config
+    from lora.train.distributed import init_distributed, shutdown, stop_signals
+    from lora.train.loop import train_loop
+    from lora.train.precision import resolve_precision
+    from lora.train.run import setup
+    from lora.train.rundir import prepare_run_dir, run_dir_lock
+    from lora.train.sharding import check_sharding
 
     cfg = TrainConfig(
         model=args.model, data=str(ROOT / "data/chinese_med.json"), output=args.output,
@@ -179,7 +179,9 @@ def main() -> int:
     p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "fsdp-memory-bench"),
                    help="where the random-init model is saved (reused by later runs)")  # fmt: skip
     p.add_argument("--save", action="store_true", help="write bench/results/fsdp-memory-<date>.*")
-    p.add_argument("--estimates", action="store_true", help="print the README's per-GPU table")
+    p.add_argument(
+        "--estimates", action="store_true", help="print the per-GPU table in docs/distributed.md"
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one process
     for hidden in ("--model", "--shard", "--output", "--result"):  # the worker's settings
         p.add_argument(hidden, help=argparse.SUPPRESS)

@@ -5,7 +5,7 @@
 This project's CI and developers have no GPU. Every precision path a GPU takes runs in the
 test suite on the CPU (tests/test_precision.py); what only a GPU can tell is whether CUDA
 kernels, fused AdamW and memory behave too. For each of bf16 and fp16 this script trains
-through `lora.trainer.train`, exactly as `train.py` does, and checks:
+through `lora.train.loop.train`, exactly as `train.py` does, and checks:
 
     the loss falls          on 8 rows seen over and over, the mean loss of the last 5 steps
                             is at least 10% below the first step's
@@ -82,7 +82,7 @@ def small_dataset(out: Path) -> Path:
 
 def train_once(model_dir: Path, out: Path, precision: str, device: str, steps: int) -> dict:
     """Train `steps` steps in `precision`; returns the losses, tokens/s and peak memory."""
-    from lora.trainer import TrainConfig, train
+    from lora.train.loop import TrainConfig, train
 
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -115,9 +115,15 @@ def adapter_reloads(out: Path, precision: str, device: str) -> bool:
     from safetensors.torch import load_file
 
     from lora.adapter import ADAPTER_WEIGHTS, lora_weights_by_key
-    from lora.generate import GenerationSettings, generate_batch, load_for_inference, single_turn
+    from lora.infer.generate import (
+        GenerationSettings,
+        LoadOptions,
+        generate_batch,
+        load_for_inference,
+        single_turn,
+    )
 
-    loaded = load_for_inference(out, device=device, dtype=precision)
+    loaded = load_for_inference(out, LoadOptions(device=device, dtype=precision))
     saved = load_file(out / ADAPTER_WEIGHTS)
     same = all(
         torch.equal(w.detach().cpu(), saved[k])

@@ -8,7 +8,7 @@ between them. Peaks come from Linux's VmHWM, reset (clear_refs 5) at the start o
 
     baseline        Python + torch + transformers + lora imported, tokenizer loaded
     weights         RSS after load_model − before; load_transient: the peak above that
-    lora            LoRA A/B injected, the lean SwiGLU (lora/activations.py), and gradient
+    lora            LoRA A/B injected, the lean SwiGLU (lora/train/activations.py), and gradient
                     checkpointing enabled if the spec says
     activations     after the decoder forward of the first (longest) micro-batch
     loss_peak       extra peak inside the chunked loss (its [chunk, vocab] logits)
@@ -64,7 +64,7 @@ class Meter:
 
 def windows(spec) -> list[list[dict]]:
     """Two optimizer windows of micro-batches, longest rows first (the worst case)."""
-    from lora.batching import collate
+    from lora.data.batching import collate
     from lora.model import load_tokenizer
 
     class Row:
@@ -88,11 +88,12 @@ def params_mb(model, trainable: bool) -> float:
 
 
 def breakdown(spec) -> dict:
-    from lora.activations import keep_less_for_backward
     from lora.inject import apply_lora, lora_parameters
-    from lora.loss import count_supervised, supervised_loss_sum
     from lora.model import checkpoint_dtype, enable_activation_checkpointing, load_model
-    from lora.vocab_storage import keep_vocab_matrices_narrow
+    from lora.spec import LoRASpec
+    from lora.train.activations import keep_less_for_backward
+    from lora.train.loss import count_supervised, supervised_loss_sum
+    from lora.train.vocab_storage import keep_vocab_matrices_narrow
 
     meter = Meter()
     batches = windows(spec)
@@ -102,7 +103,7 @@ def breakdown(spec) -> dict:
     out |= {"weights_mb": rss - out["baseline_mb"], "load_transient_mb": meter.peak() - rss}
     out["weights_param_bytes_mb"] = params_mb(model, trainable=True) + params_mb(model, False)
     before = meter.phase()
-    apply_lora(model, "q_proj,v_proj", 8, 16, 0.0, False)
+    apply_lora(model, LoRASpec("q_proj,v_proj", 8, 16, 0.0, False))
     keep_less_for_backward(model)
     if spec["grad_checkpointing"]:
         enable_activation_checkpointing(model)
@@ -111,7 +112,7 @@ def breakdown(spec) -> dict:
     optimizer = torch.optim.AdamW(params, lr=spec["lr"])
     after_lora = meter.phase()
     out["lora_mb"] = after_lora - before
-    keep_vocab_matrices_narrow(model, checkpoint_dtype(spec["model"]))  # as lora/run.py does
+    keep_vocab_matrices_narrow(model, checkpoint_dtype(spec["model"]))  # as lora/train/run.py does
     narrowed = meter.phase()
     out["vocab_narrow_mb"], after_lora = narrowed - after_lora, narrowed
     decoder, head = model.get_decoder(), model.get_output_embeddings()

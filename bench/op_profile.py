@@ -46,8 +46,8 @@ def spec_for(args, workdir: Path, length: str | None) -> dict:
     train, heldout = bench.read_rows(args)
     if not length:
         return bench.build_spec(args, train, heldout, workdir, args.max_len)
+    from lora.data.prompt import PromptFormat
     from lora.model import load_tokenizer
-    from lora.prompt import PromptFormat
 
     length, fmt = int(length), PromptFormat("chat")
     tokenizer = load_tokenizer(args.model)

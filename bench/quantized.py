@@ -1,9 +1,9 @@
 """QLoRA benchmark: the same LoRA run on an fp32, a bf16 and an NF4 base of a real model.
 
     nice python bench/quantized.py [--model DIR] [--steps 6] [--bases fp32,bf16,nf4]
-    python bench/quantized.py --estimates      # the README's GPU memory table, no model needed
+    python bench/quantized.py --estimates      # docs/precision.md's GPU memory table, no model needed
 
-Each base trains in a fresh process (`train.py`'s code path, `lora.trainer.train`) for the same
+Each base trains in a fresh process (`train.py`'s code path, `lora.train.loop.train`) for the same
 optimizer steps on the same rows, seed and hyper-parameters (r=8, α=16, q_proj/v_proj, lr 2e-4,
 batch 2 × accumulation 2, max length 256). The NF4 base computes in bf16, as QLoRA does
 (`--quantize nf4 --precision bf16`: dequantized blocks, embeddings and lm_head in bf16), so its
@@ -73,7 +73,7 @@ def estimates() -> list[dict]:
 
 def prepare(args, workdir: Path) -> dict:
     """Training rows and held-out rows as Alpaca JSON files, the same for every base."""
-    from lora.data import read_dataset
+    from lora.data.records import read_dataset
 
     samples, _ = read_dataset(args.data)
     random.Random(0).shuffle(samples)
@@ -92,7 +92,7 @@ def prepare(args, workdir: Path) -> dict:
 
 
 def train_config(spec: dict, base: str, out: Path):
-    from lora.config import TrainConfig
+    from lora.train.config import TrainConfig
 
     return TrainConfig(
         model=spec["model"], data=spec["train"], output=str(out), targets="q_proj,v_proj",
@@ -104,9 +104,9 @@ def train_config(spec: dict, base: str, out: Path):
 
 
 def heldout_batches(spec: dict, tokenizer) -> list[dict]:
-    from lora.batching import collate
-    from lora.data import read_dataset
-    from lora.prompt import PromptFormat, encode_sample
+    from lora.data.batching import collate
+    from lora.data.prompt import PromptFormat, encode_sample
+    from lora.data.records import read_dataset
 
     samples, _ = read_dataset(spec["heldout"])
     rows = [encode_sample(s, PromptFormat("chat"), tokenizer, 256) for s in samples]
@@ -117,7 +117,7 @@ def heldout_loss_and_logits(model, batches) -> tuple[float, list]:
     """Token-averaged held-out loss (the training loss's definition) and the first batch's logits."""
     import torch
 
-    from lora.loss import CausalLMLoss
+    from lora.train.loss import CausalLMLoss
 
     loss, model = CausalLMLoss(model), model.eval()
     total = count = 0.0
@@ -156,7 +156,7 @@ def run_one(spec: dict, base: str, out: Path, write) -> None:
     from lora.adapter import load_adapter
     from lora.errors import UserError
     from lora.model import load_model, load_tokenizer
-    from lora.trainer import train
+    from lora.train.loop import train
 
     torch.set_num_threads(os.cpu_count() or 1)
     record = {"base": base, **base_weights(spec, base)}  # smaller than training's peak below

@@ -36,11 +36,10 @@ from safetensors import safe_open
 from safetensors.torch import save as save_tensors
 from torch import nn
 
-from .config import DEFAULT_TARGETS
 from .dora import MAGNITUDE, DoRALinear
 from .errors import UserError, with_path
 from .inject import apply_lora, lora_layers
-from .sharding import copy_full_, full_tensor
+from .spec import DEFAULT_TARGETS, LoRASpec
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -282,6 +281,35 @@ def read_adapter_tensors(adapter_dir) -> dict[str, torch.Tensor]:
     return tensors
 
 
+# Under FSDP (train/sharding.py) a parameter is a DTensor: each process holds a shard. Saving
+# gathers the whole tensor, loading gives each process its own shard back.
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a DTensor's shards gathered (a collective), any other tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+@torch.no_grad()
+def copy_full_(param: torch.Tensor, full: torch.Tensor) -> None:
+    """param ← full; for a DTensor, each process keeps its own shard of `full`."""
+    if hasattr(param, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        full = distribute_tensor(
+            full.to(param.device, param.dtype), param.device_mesh, param.placements
+        )
+        param.copy_(full)
+    else:
+        param.copy_(full.to(param.device, param.dtype))
+
+
+def base_model_of(adapter_dir, config: dict, model_override: str | None) -> str:
+    """`--model` when given, else the base model recorded in the adapter's config."""
+    base = model_override or config.get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{adapter_dir}/adapter_config.json names no base model; pass --model")
+    return base
+
+
 def load_adapter(model: nn.Module, adapter_dir, dropout: float | None = None) -> dict:
     """Inject LoRA as the adapter's config says, then load its tensors strictly.
 
@@ -300,8 +328,7 @@ def load_adapter(model: nn.Module, adapter_dir, dropout: float | None = None) ->
                 f"but the loaded model has {key}={actual_shape[key]}: pass the right --model"
             )
     if not lora_layers(model):
-        apply_lora(
-            model,
+        spec = LoRASpec(
             targets=config.get("target_modules") or DEFAULT_TARGETS,
             r=int(config["r"]),
             alpha=config.get("lora_alpha", 8),
@@ -309,6 +336,7 @@ def load_adapter(model: nn.Module, adapter_dir, dropout: float | None = None) ->
             use_rslora=bool(config.get("use_rslora", False)),
             use_dora=bool(config.get("use_dora", False)),
         )
+        apply_lora(model, spec)
     _check_variant(model, config, adapter_dir)
     expected = {k: v.shape for k, v in lora_weights_by_key(model).items()}
     # PEFT writes `.default.` only in memory, but some tools leak it into files: accept both.

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .config import DEFAULT_ALPHA, DEFAULT_DROPOUT, DEFAULT_RANK, DEFAULT_TARGETS
 from .dora import DoRALinear
 from .errors import UserError
 from .layer import LoRALinear, check_lora_hyperparameters
 from .quantize import stored_numel
+from .spec import DEFAULT_TARGETS, LoRASpec
 
 ALL_LINEAR = "all-linear"
 
@@ -127,27 +127,20 @@ def find_target_modules(model: nn.Module, targets=DEFAULT_TARGETS) -> list[str]:
     return found
 
 
-def apply_lora(
-    model: nn.Module,
-    targets=DEFAULT_TARGETS,
-    r: int = DEFAULT_RANK,
-    alpha: float = DEFAULT_ALPHA,
-    dropout: float = DEFAULT_DROPOUT,
-    use_rslora: bool = False,
-    use_dora: bool = False,
-) -> LoRAReport:
+def apply_lora(model: nn.Module, spec: LoRASpec | None = None) -> LoRAReport:
     """Wrap each target linear of `model` in a `LoRALinear` (a `DoRALinear` with `use_dora`),
-    freeze the rest, and report.
+    freeze the rest, and report. `spec` defaults to `LoRASpec()`: q_proj and v_proj, r = 8.
 
     Returns a `LoRAReport`; the trainable count equals `sum over targets of r · (in + out)`,
     plus `out` per target with DoRA (its magnitude vector).
     """
-    check_lora_hyperparameters(r, alpha, dropout)
-    names = find_target_modules(model, targets)
-    layer_class = DoRALinear if use_dora else LoRALinear
+    s = spec or LoRASpec()
+    check_lora_hyperparameters(s.r, s.alpha, s.dropout)
+    names = find_target_modules(model, s.targets)
+    layer_class = DoRALinear if s.use_dora else LoRALinear
     for name in names:
         base = model.get_submodule(name)
-        _replace_module(model, name, layer_class(base, r, alpha, dropout, use_rslora))
+        _replace_module(model, name, layer_class(base, s.r, s.alpha, s.dropout, s.use_rslora))
     trainable = freeze_all_but_lora(model)
     total = sum(stored_numel(p) for p in model.parameters())  # NF4 packs 2 weights a byte
     short = sorted({n.rsplit(".", 1)[-1] for n in names})
@@ -180,10 +173,13 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     return params
 
 
-def merge_lora(model: nn.Module) -> None:
-    """Fold every adapter into its base weight (idempotent)."""
-    for module in lora_layers(model).values():
-        module.merge()
+def merge_lora(model: nn.Module) -> float:
+    """Fold every adapter into its base weight (in fp32, rounded once into the base dtype).
+
+    Idempotent: already merged layers count as 0. Returns the largest fraction of a layer's ΔW
+    that rounding lost: 0 for an fp32 base, often 10-90% for a bf16 base (see layer.py).
+    """
+    return max((m.merge() for m in lora_layers(model).values()), default=0.0)
 
 
 def unmerge_lora(model: nn.Module) -> None:

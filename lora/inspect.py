@@ -69,7 +69,7 @@ from pathlib import Path
 
 import torch
 
-from .adapter import atomic_write_bytes, read_adapter_config, read_adapter_tensors
+from .adapter import atomic_write_bytes, base_model_of, read_adapter_config, read_adapter_tensors
 from .errors import UserError
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -421,7 +421,6 @@ def write_report(report: dict, out_dir) -> tuple[Path, Path]:
 
 def load_base(adapter_dir, model: str | None = None, trust_remote_code: bool = False):
     """The adapter's base model (or `model`), fp32 on CPU: only its weights are read."""
-    from .generate import base_model_of
     from .model import load_model
 
     name = base_model_of(adapter_dir, read_adapter_config(adapter_dir), model)

@@ -57,10 +57,9 @@ import math
 import torch
 from torch import nn
 
-from .activations import dropout_then_project
-from .config import DEFAULT_ALPHA, DEFAULT_RANK
 from .errors import UserError
 from .quantize import is_quantized
+from .spec import DEFAULT_ALPHA, DEFAULT_RANK
 
 
 class LoRALinear(nn.Module):
@@ -142,12 +141,7 @@ class LoRALinear(nn.Module):
             return h  # merged: ΔW is already inside W0
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.lora_A.weight.dtype)  # under autocast, A and B come to x's dtype
-        # Ax: (..., r), the input squeezed through the rank-r bottleneck
-        if self.training and isinstance(self.lora_dropout, nn.Dropout):
-            # lora_A(lora_dropout(x)), keeping less for backward (activations.py)
-            Ax = dropout_then_project(x, self.lora_A.weight, self.lora_dropout.p)
-        else:
-            Ax = self.lora_A(self.lora_dropout(x))
+        Ax = self.lora_A(self.lora_dropout(x))  # (..., r): x squeezed through the bottleneck
         BAx = self.lora_B(Ax)  # (..., out)
         return h + (self.scaling * BAx).to(h.dtype)
 

@@ -53,8 +53,8 @@ import logging
 import torch
 from torch import nn
 
-from .config import QUANTIZE_CHOICES
 from .errors import UserError
+from .spec import QUANTIZE_CHOICES
 
 MIN_BITSANDBYTES = (0, 48)
 INSTALL_HINT = "pip install 'bitsandbytes>=0.48' accelerate"

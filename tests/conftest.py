@@ -96,7 +96,7 @@ def overfit_rows(n: int = 8) -> list[dict]:
 
 def tiny_config(model_dir, data, out, **overrides):
     """A TrainConfig for runs on a tiny model: fast, deterministic, every linear layer adapted."""
-    from lora.config import TrainConfig
+    from lora.train.config import TrainConfig
 
     base = dict(model=str(model_dir), data=str(data), output=str(out), rank=4, alpha=8,
                 dropout=0.0, batch_size=2, grad_accum=1, lr=1e-2, warmup=0, max_steps=4,
@@ -186,8 +186,8 @@ def single_process_run(model, autocast=None, scaler=None):
     """The few parts of a `Run` that `trainer.backward_window` reads, for a model on the CPU."""
     from types import SimpleNamespace
 
-    from lora.distributed import DistInfo
-    from lora.loss import CausalLMLoss
+    from lora.train.distributed import DistInfo
+    from lora.train.loss import CausalLMLoss
 
     autocast = autocast if autocast is not None else torch.autocast("cpu", enabled=False)
     return SimpleNamespace(forward=CausalLMLoss(model), device=torch.device("cpu"),

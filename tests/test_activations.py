@@ -7,12 +7,18 @@ import pytest
 import torch
 
 from conftest import kept_for_backward, redraw, tiny_config
-from lora.activations import dropout_then_project, keep_less_for_backward, swiglu_mlp_forward
 from lora.inject import apply_lora
 from lora.layer import LoRALinear
-from lora.loss import CausalLMLoss
 from lora.model import load_model
-from lora.run import load_model_with_lora
+from lora.spec import LoRASpec
+from lora.train.activations import (
+    dropout_then_project,
+    keep_less_for_backward,
+    lora_forward_keeping_a_mask,
+    swiglu_mlp_forward,
+)
+from lora.train.loss import CausalLMLoss
+from lora.train.run import load_model_with_lora
 
 CPU = torch.device("cpu")
 
@@ -20,7 +26,7 @@ CPU = torch.device("cpu")
 def lora_model(model_dir, lean: bool, dtype=torch.float32, targets="all-linear"):
     torch.manual_seed(0)  # the same A and B for both models
     model = redraw(load_model(str(model_dir), torch.float32, CPU)).to(dtype)
-    apply_lora(model, targets, r=4, alpha=8, dropout=0.0)
+    apply_lora(model, LoRASpec(targets, r=4, alpha=8, dropout=0.0))
     for layer in model.modules():  # B ≠ 0, so every adapter shapes the output
         if hasattr(layer, "lora_B"):
             torch.nn.init.normal_(layer.lora_B.weight, std=0.5)
@@ -85,6 +91,14 @@ def test_training_models_use_it(qwen2_dir, tmp_path):
         assert layer.mlp.forward.__func__ is swiglu_mlp_forward
 
 
+def test_training_gives_lora_dropout_the_lean_forward(qwen2_dir, tmp_path):
+    cfg = tiny_config(qwen2_dir, tmp_path / "data.json", tmp_path / "out", dropout=0.1)
+    model, _ = load_model_with_lora(cfg, CPU, "fp32")
+    adapted = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    assert adapted and all(m.forward.__func__ is lora_forward_keeping_a_mask for m in adapted)
+    assert "forward" not in vars(LoRALinear(torch.nn.Linear(4, 4), dropout=0.1))  # plain by default
+
+
 # LoRA's dropout: a bool mask and the shared input, instead of a mask and a dropped copy each
 
 
@@ -110,12 +124,52 @@ def test_dropped_projection_equals_autograd_with_the_same_mask():
 def test_q_and_v_keep_one_shared_input_and_a_byte_mask_each():
     torch.manual_seed(0)
     q, v = (LoRALinear(torch.nn.Linear(16, 16), r=4, alpha=8, dropout=0.1) for _ in range(2))
+    assert keep_less_for_backward(torch.nn.ModuleList([q, v])) == 2  # what training does
     x = torch.randn(3, 16, requires_grad=True)
     weights = [p for m in (q, v) for p in m.parameters()]
     kept = kept_for_backward(lambda: q(x) + v(x), exclude=weights)
     kept = sorted(((t.dtype, t.numel()) for t in kept), key=str)
     assert kept == sorted([(torch.float32, 48), (torch.bool, 48), (torch.bool, 48),
                            (torch.float32, 12), (torch.float32, 12)], key=str)  # fmt: skip
+
+
+class FixedMask(torch.nn.Module):
+    """Dropout with a given keep-mask: the plain layer's forward with the saver's mask."""
+
+    def __init__(self, keep, p):
+        super().__init__()
+        self.keep, self.p = keep, p
+
+    def forward(self, x):
+        return x * self.keep * (1 / (1 - self.p))
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_saver_computes_the_plain_layer_formula(autocast):
+    """LoRALinear.forward is h = base(x) + s·B(A(dropout(x))) in plain PyTorch; the forward
+    training installs (activations.py) gives the same output and gradients for the same mask."""
+    p = 0.3
+    torch.manual_seed(0)
+    plain = LoRALinear(torch.nn.Linear(16, 8), r=4, alpha=8, dropout=p)
+    torch.nn.init.normal_(plain.lora_B.weight)
+    lean = LoRALinear(torch.nn.Linear(16, 8), r=4, alpha=8, dropout=p)
+    lean.load_state_dict(plain.state_dict())
+    assert keep_less_for_backward(lean) == 1
+    x = torch.randn(2, 5, 16, dtype=torch.bfloat16 if autocast else torch.float32)  # as it arrives
+    torch.manual_seed(1)
+    keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p)  # the draw the saver makes
+    plain.lora_dropout = FixedMask(keep, p)
+    outputs, grads = [], []
+    for layer in (plain, lean):
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = layer(x)
+        out.float().square().sum().backward()
+        outputs.append(out)
+        grads.append([layer.lora_A.weight.grad, layer.lora_B.weight.grad])
+    assert torch.equal(outputs[0], outputs[1])
+    for ours, reference in zip(grads[1], grads[0]):
+        torch.testing.assert_close(ours, reference)
 
 
 def test_dropout_is_off_in_eval_mode():

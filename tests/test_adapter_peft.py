@@ -12,6 +12,7 @@ from lora.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, save_ada
 from lora.errors import UserError
 from lora.inject import apply_lora, lora_layers
 from lora.model import load_model
+from lora.spec import LoRASpec
 
 peft = pytest.importorskip("peft")
 
@@ -46,9 +47,8 @@ def copy_ours_into_peft(ours, theirs):
 @pytest.mark.parametrize("targets", [["q_proj", "v_proj"], "all-linear"])
 def test_logits_and_adapter_gradients_equal_peft(arch_dir, targets):
     ours = load_model(str(arch_dir))
-    apply_lora(
-        ours, targets if isinstance(targets, str) else ",".join(targets), r=4, alpha=8, dropout=0.0
-    )
+    names = targets if isinstance(targets, str) else ",".join(targets)
+    apply_lora(ours, LoRASpec(names, r=4, alpha=8, dropout=0.0))
     randomize_b(ours)
     theirs = peft_model_like(arch_dir, targets)
     copy_ours_into_peft(ours, theirs)
@@ -73,7 +73,7 @@ def test_logits_and_adapter_gradients_equal_peft(arch_dir, targets):
 
 def test_saved_file_has_peft_keys_fp32_contiguous_and_pt_metadata(qwen2_dir, tmp_path):
     model = load_model(str(qwen2_dir))
-    apply_lora(model, "q_proj,v_proj", r=4, alpha=8)
+    apply_lora(model, LoRASpec("q_proj,v_proj", r=4, alpha=8))
     save_adapter(model, tmp_path, base_model_name_or_path=str(qwen2_dir))
     with safe_open(str(tmp_path / ADAPTER_WEIGHTS), framework="pt") as f:
         keys = list(f.keys())
@@ -107,7 +107,7 @@ def test_saved_file_has_peft_keys_fp32_contiguous_and_pt_metadata(qwen2_dir, tmp
 
 def test_our_adapter_loads_in_peft_without_warnings_and_same_logits(arch_dir, tmp_path, caplog):
     ours = load_model(str(arch_dir))
-    apply_lora(ours, "all-linear", r=4, alpha=8, dropout=0.0)
+    apply_lora(ours, LoRASpec("all-linear", r=4, alpha=8, dropout=0.0))
     randomize_b(ours)
     save_adapter(ours, tmp_path, base_model_name_or_path=str(arch_dir))
     base = load_model(str(arch_dir))
@@ -145,7 +145,7 @@ def test_adapter_dir_without_files_is_a_clear_error(qwen2_dir, tmp_path):
 
 def test_truncated_safetensors_is_a_clear_error(qwen2_dir, tmp_path):
     model = load_model(str(qwen2_dir))
-    apply_lora(model, "q_proj,v_proj", r=4)
+    apply_lora(model, LoRASpec("q_proj,v_proj", r=4))
     save_adapter(model, tmp_path)
     data = (tmp_path / ADAPTER_WEIGHTS).read_bytes()
     (tmp_path / ADAPTER_WEIGHTS).write_bytes(data[: len(data) // 2])
@@ -158,7 +158,7 @@ def test_adapter_for_another_hidden_size_is_a_clear_error(qwen2_dir, tmp_path):
 
     bigger = build_tiny_model(tmp_path / "bigger", "qwen2", ["abc def"], hidden_size=96)
     model = load_model(str(bigger))
-    apply_lora(model, "q_proj,v_proj", r=4)
+    apply_lora(model, LoRASpec("q_proj,v_proj", r=4))
     save_adapter(model, tmp_path / "adapter")
     with pytest.raises(UserError, match="hidden_size"):
         load_adapter(load_model(str(qwen2_dir)), tmp_path / "adapter")
@@ -178,7 +178,7 @@ def test_shape_mismatch_without_recorded_shape_names_the_tensor(qwen2_dir, tmp_p
 
 def test_missing_keys_are_an_error(qwen2_dir, tmp_path):
     model = load_model(str(qwen2_dir))
-    apply_lora(model, "q_proj,v_proj", r=4)
+    apply_lora(model, LoRASpec("q_proj,v_proj", r=4))
     save_adapter(model, tmp_path)
     config = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
     config["target_modules"] = ["q_proj", "k_proj", "v_proj"]

@@ -4,9 +4,15 @@ import random
 
 import torch
 
-from lora.batching import collate, global_batches, padding_ratio, plan_batches, training_windows
-from lora.distributed import DistInfo, shard_rows
-from lora.prompt import IGNORE_INDEX, Encoded
+from lora.data.batching import (
+    collate,
+    global_batches,
+    padding_ratio,
+    plan_batches,
+    training_windows,
+)
+from lora.data.prompt import IGNORE_INDEX, Encoded
+from lora.train.distributed import DistInfo, shard_rows
 
 
 def lengths(n=1000, seed=0):
@@ -54,7 +60,7 @@ def test_collate_pads_right_and_masks_padding_by_position():
 def test_collate_takes_rows_of_a_memory_mapped_tokenized_set(tmp_path):
     import numpy as np
 
-    from lora.tokenized import TokenizedSet
+    from lora.data.tokenized import TokenizedSet
 
     ids = [np.array([5, 6, 7], np.int32), np.array([5, 9], np.int32)]
     labels = [np.array([IGNORE_INDEX, 6, 7], np.int32), np.array([IGNORE_INDEX, 9], np.int32)]

@@ -8,8 +8,8 @@ from dataclasses import asdict, fields
 import pytest
 
 from conftest import ROOT, overfit_rows, write_json
-from lora.config import TrainConfig
 from lora.errors import UserError
+from lora.train.config import TrainConfig
 from train import build_parser, parse_config
 
 
@@ -96,7 +96,7 @@ def test_help_does_not_import_torch():
 
 @pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_recipes_are_valid_configs(recipe):
-    from lora.config import check_config
+    from lora.train.config import check_config
 
     cfg = parse_config(["--config", str(recipe)])
     check_config(cfg)  # raises UserError on any out-of-range value

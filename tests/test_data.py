@@ -5,7 +5,7 @@ import json
 import pytest
 
 from conftest import SHARED
-from lora.data import Turn, read_dataset
+from lora.data.records import Turn, read_dataset
 from lora.errors import UserError
 
 ALPACA = [

@@ -27,7 +27,8 @@ from lora.dora import DoRALinear
 from lora.errors import UserError
 from lora.inject import apply_lora, lora_disabled, lora_layers, lora_parameters
 from lora.model import load_model
-from lora.trainer import train
+from lora.spec import LoRASpec
+from lora.train.loop import train
 
 peft = pytest.importorskip("peft")
 
@@ -66,7 +67,7 @@ def trained_looking(model, seed=1):
 
 def dora_model(model_dir, **kw):
     model = load_model(str(model_dir))
-    apply_lora(model, "all-linear", r=4, alpha=8, dropout=0.0, use_dora=True, **kw)
+    apply_lora(model, LoRASpec("all-linear", r=4, alpha=8, dropout=0.0, use_dora=True, **kw))
     return model
 
 
@@ -247,7 +248,7 @@ def test_merged_equals_unmerged_and_unmerge_restores_w0(rich_dir):
 
 
 def test_export_merges_dora_into_a_plain_checkpoint_with_the_same_logits(rich, tmp_path):
-    from lora.generate import export_merged
+    from lora.export.merged import export_merged
 
     ours = trained_looking(dora_model(rich["qwen2"]))
     save_adapter(ours, tmp_path / "adapter", base_model_name_or_path=str(rich["qwen2"]))
@@ -286,7 +287,7 @@ def test_inspect_reports_the_low_rank_part_and_the_magnitude_change(rich, tmp_pa
 def test_loading_a_dora_adapter_into_plain_lora_layers_is_a_clear_error(rich, tmp_path):
     save_adapter(trained_looking(dora_model(rich["qwen2"])), tmp_path)
     model = load_model(str(rich["qwen2"]))
-    apply_lora(model, "all-linear", r=4, alpha=8)
+    apply_lora(model, LoRASpec("all-linear", r=4, alpha=8))
     with pytest.raises(UserError, match="is a DoRA adapter, but the model's adapter layers are"):
         load_adapter(model, tmp_path)
 
@@ -298,7 +299,7 @@ def test_a_quantized_base_works_dequantized_for_the_norm(rich, kind):
 
     config = quantization_config(kind, torch.float32)
     model = load_model(str(rich["qwen2"]), quantization_config=config).eval()
-    apply_lora(model, "all-linear", r=4, alpha=8, dropout=0.0, use_dora=True)
+    apply_lora(model, LoRASpec("all-linear", r=4, alpha=8, dropout=0.0, use_dora=True))
     layer = next(iter(lora_layers(model).values()))
     w0 = dequantized_weight(layer.base_layer)
     assert torch.equal(layer.lora_magnitude_vector, torch.linalg.vector_norm(w0, dim=1))

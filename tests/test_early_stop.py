@@ -6,17 +6,17 @@ import json
 
 import pytest
 
-import lora.evaluate
+import lora.train.evaluate
 from conftest import assert_same_adapters, overfit_rows, tiny_config, write_json
-from lora.config import check_config
 from lora.errors import UserError
-from lora.trainer import train
+from lora.train.config import check_config
+from lora.train.loop import train
 
 
 def planted_curve(monkeypatch, losses):
     """Validation returns `losses` in turn, whatever the model: the curve the test is about."""
     calls = iter(losses)
-    monkeypatch.setattr(lora.evaluate, "validation_loss", lambda run, val_set: next(calls))
+    monkeypatch.setattr(lora.train.evaluate, "validation_loss", lambda run, val_set: next(calls))
 
 
 @pytest.fixture

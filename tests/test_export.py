@@ -18,18 +18,19 @@ import torch
 from conftest import real_tokenizer, redraw
 from infer import main as infer_main
 from lora.adapter import ADAPTER_CONFIG, save_adapter
-from lora.data import Sample, Turn
+from lora.data.prompt import PromptFormat, prompt_text, stop_token_ids
+from lora.data.records import Sample, Turn
 from lora.errors import UserError
 from lora.inject import apply_lora, lora_layers
-from lora.prompt import PromptFormat, prompt_text, stop_token_ids
+from lora.spec import LoRASpec
 
 gguf = pytest.importorskip("gguf")
 
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from lora.generate import export_merged  # noqa: E402
-from lora.gguf import export_gguf, write_gguf  # noqa: E402
-from lora.serving import chat_template, modelfile  # noqa: E402
+from lora.export.gguf import GGUFOptions, export_gguf, write_gguf  # noqa: E402
+from lora.export.merged import export_merged  # noqa: E402
+from lora.export.serving import chat_template, modelfile  # noqa: E402
 
 # Texts the tokenizer round trip must encode identically: Chinese, English, digits, code, spaces.
 TEXTS = [
@@ -56,7 +57,7 @@ def parity_base(src, dst, tied: bool, head_dim: int | None = None):
 
 def make_adapter(base, out, fmt: PromptFormat, seed=2):
     model = AutoModelForCausalLM.from_pretrained(str(base))
-    apply_lora(model, "all-linear", r=4, alpha=8)
+    apply_lora(model, LoRASpec("all-linear", r=4, alpha=8))
     torch.manual_seed(seed)
     with torch.no_grad():
         for layer in lora_layers(model).values():
@@ -166,7 +167,9 @@ def test_a_broken_tensor_fails_parity(parity, tmp_path):
     for name, breaker in breaks.items():
         broken = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32)
         breaker(broken)
-        path = write_gguf(broken, tok, tmp_path / "broken.gguf", "f32", log=lambda *_: None)
+        path = write_gguf(
+            broken, tok, tmp_path / "broken.gguf", GGUFOptions("f32"), log=lambda *_: None
+        )
         with torch.no_grad():
             diff = (load_gguf_model(path)(ids).logits - reference(ids).logits).abs().max().item()
         assert diff > 2 * max(TOLERANCE.values()), name  # measured: 7.6 and 8.2
@@ -262,7 +265,7 @@ def test_real_qwen_tokenizer_round_trips_through_gguf(tmp_path):
         bos_token_id=151643,
     )
     model = AutoModelForCausalLM.from_config(config)
-    path = write_gguf(model, tok, tmp_path / "real.gguf", "f16", log=lambda *_: None)
+    path = write_gguf(model, tok, tmp_path / "real.gguf", GGUFOptions("f16"), log=lambda *_: None)
     fields, _ = read_fields(path)
     assert fields["tokenizer.ggml.pre"] == "qwen2"
     assert len(fields["tokenizer.ggml.tokens"]) == 151936
@@ -559,7 +562,7 @@ def test_a_failed_write_leaves_no_temporary_file(parity, tmp_path, monkeypatch):
 
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", disk_full)
     with pytest.raises(UserError, match="No space left"):
-        write_gguf(model, tok, tmp_path / "m.gguf", "f16", log=lambda *_: None)
+        write_gguf(model, tok, tmp_path / "m.gguf", GGUFOptions("f16"), log=lambda *_: None)
     assert os.listdir(tmp_path) == []
 
 

@@ -21,13 +21,13 @@ from test_training import cfg, run_cli
 import infer
 import train as train_cli
 from conftest import ROOT, overfit_rows, write_json
-from lora import trainer
 from lora.adapter import ADAPTER_WEIGHTS, read_adapter_config, read_adapter_tensors
-from lora.data import read_dataset
+from lora.data.fileformat import decode_bytes
+from lora.data.records import read_dataset
 from lora.errors import TrainingInterrupted, UserError
-from lora.fileformat import decode_bytes
-from lora.metrics import MetricsLog
-from lora.trainer import train
+from lora.train import loop as trainer
+from lora.train.loop import train
+from lora.train.metrics import MetricsLog
 
 
 @pytest.fixture
@@ -104,7 +104,7 @@ def test_metrics_rewrite_on_resume_is_all_or_nothing(tmp_path, monkeypatch):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3)))
     before = path.read_bytes()
-    import lora.metrics
+    import lora.train.metrics
 
     calls = {"n": 0}
     dumps = json.dumps
@@ -115,7 +115,7 @@ def test_metrics_rewrite_on_resume_is_all_or_nothing(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return dumps(obj, *a, **kw)
 
-    monkeypatch.setattr(lora.metrics.json, "dumps", killed_on_the_second_record)
+    monkeypatch.setattr(lora.train.metrics.json, "dumps", killed_on_the_second_record)
     with pytest.raises(KeyboardInterrupt):
         MetricsLog(path, writer=True).continue_from(2)
     monkeypatch.undo()
@@ -243,7 +243,7 @@ def test_extending_a_finished_run_without_a_checkpoint_says_what_to_do(qwen2_dir
 HOLD_THE_LOCK = """
 import sys, time
 sys.path.insert(0, {root!r})
-from lora.rundir import run_dir_lock
+from lora.train.rundir import run_dir_lock
 with run_dir_lock({out!r}):
     print("locked", flush=True)
     time.sleep(600)
@@ -413,9 +413,9 @@ def test_sigkill_mid_run_resumes_from_the_newest_intact_checkpoint_to_the_same_a
 
 
 def test_resume_auto_with_only_damaged_checkpoints_refuses_to_start_over_silently(tmp_path):
-    from lora.checkpoint import REQUIRED_FILES
-    from lora.config import TrainConfig
-    from lora.rundir import plan_run_dir
+    from lora.train.checkpoint import REQUIRED_FILES
+    from lora.train.config import TrainConfig
+    from lora.train.rundir import plan_run_dir
 
     damaged = tmp_path / "checkpoint-4"
     damaged.mkdir()

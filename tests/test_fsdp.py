@@ -191,10 +191,10 @@ def test_fsdp_without_torchrun_is_refused(config_only_model, tmp_path):
 
 
 def test_more_processes_than_decoder_layers_is_refused(config_only_model):
-    from lora.config import TrainConfig
-    from lora.distributed import DistInfo
     from lora.errors import UserError
-    from lora.sharding import check_sharding
+    from lora.train.config import TrainConfig
+    from lora.train.distributed import DistInfo
+    from lora.train.sharding import check_sharding
 
     cfg = TrainConfig(model=str(config_only_model), shard="fsdp")
     check_sharding(cfg, DistInfo(rank=0, world_size=2))  # 2 layers, 2 processes: fine
@@ -211,8 +211,8 @@ def test_more_processes_than_decoder_layers_is_refused(config_only_model):
     ],
 )
 def test_unsupported_sharding_settings_are_refused_by_check_config(flags, message):
-    from lora.config import TrainConfig, check_config
     from lora.errors import UserError
+    from lora.train.config import TrainConfig, check_config
 
     with pytest.raises(UserError, match=message):
         check_config(TrainConfig(**flags))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import overfit_rows, run_script, tiny_config, write_json
-from lora.trainer import train
+from lora.train.loop import train
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,12 @@ def test_prompt_gives_the_training_answer_and_stops(trained):
 
 
 def test_merge_gives_the_same_greedy_tokens(trained):
-    from lora.generate import GenerationSettings, generate_batch, load_for_inference, single_turn
+    from lora.infer.generate import (
+        GenerationSettings,
+        generate_batch,
+        load_for_inference,
+        single_turn,
+    )
     from lora.inject import merge_lora
 
     adapter, rows = trained
@@ -55,8 +60,13 @@ def test_merge_gives_the_same_greedy_tokens(trained):
 def test_export_loads_with_plain_transformers_and_matches(trained, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from lora.generate import GenerationSettings, generate_batch, load_for_inference, single_turn
-    from lora.prompt import encode_prompt
+    from lora.data.prompt import encode_prompt
+    from lora.infer.generate import (
+        GenerationSettings,
+        generate_batch,
+        load_for_inference,
+        single_turn,
+    )
 
     adapter, rows = trained
     p = infer("--adapter", str(adapter), "--export", str(tmp_path / "merged"))
@@ -185,11 +195,11 @@ def test_export_that_fails_mid_write_leaves_no_half_written_directory(
 ):
     import errno
 
-    import lora.generate
-    from lora.generate import export_merged
+    import lora.export.merged
+    from lora.export.merged import export_merged
 
     adapter, _ = trained
-    real_load_tokenizer = lora.generate.load_tokenizer
+    real_load_tokenizer = lora.export.merged.load_tokenizer
 
     def tokenizer_on_a_full_disk(*args, **kwargs):
         tokenizer = real_load_tokenizer(*args, **kwargs)
@@ -200,7 +210,7 @@ def test_export_that_fails_mid_write_leaves_no_half_written_directory(
         tokenizer.save_pretrained = full_disk
         return tokenizer
 
-    monkeypatch.setattr(lora.generate, "load_tokenizer", tokenizer_on_a_full_disk)
+    monkeypatch.setattr(lora.export.merged, "load_tokenizer", tokenizer_on_a_full_disk)
     target = tmp_path / "exports" / "merged"
     with pytest.raises(OSError):
         export_merged(adapter, target, log=lambda *a: None)
@@ -211,7 +221,7 @@ def test_every_generation_flag_has_help_and_the_settings_default():
     from dataclasses import asdict
 
     import infer
-    from lora.sampling import GenerationSettings
+    from lora.infer.sampling import GenerationSettings
 
     parser = infer.build_parser()
     for name, value in asdict(GenerationSettings()).items():

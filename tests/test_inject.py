@@ -6,6 +6,7 @@ import torch
 from lora.errors import UserError
 from lora.inject import apply_lora, lora_layers, lora_parameters, merge_lora, unmerge_lora
 from lora.model import load_model
+from lora.spec import LoRASpec
 
 
 def ids(vocab, n=12, batch=2, seed=0):
@@ -17,14 +18,14 @@ def test_logits_equal_base_model_right_after_injection(arch_dir):
     model = load_model(str(arch_dir))
     x = ids(model.config.vocab_size)
     before = model(x).logits
-    apply_lora(model, "q_proj,v_proj", r=4, alpha=8, dropout=0.0)
+    apply_lora(model, LoRASpec("q_proj,v_proj", r=4, alpha=8, dropout=0.0))
     assert torch.equal(model(x).logits, before)
 
 
 @pytest.mark.parametrize("targets", ["q_proj,v_proj", "all-linear"])
 def test_trainable_count_is_analytic(arch_dir, targets):
     model = load_model(str(arch_dir))
-    report = apply_lora(model, targets, r=4, alpha=8)
+    report = apply_lora(model, LoRASpec(targets, r=4, alpha=8))
     expected = sum(4 * (m.in_features + m.out_features) for m in lora_layers(model).values())
     assert (
         report.trainable_params
@@ -38,14 +39,14 @@ def test_trainable_count_is_analytic(arch_dir, targets):
 
 def test_all_linear_never_touches_lm_head(qwen2_dir):
     model = load_model(str(qwen2_dir))
-    report = apply_lora(model, "all-linear", r=2)
+    report = apply_lora(model, LoRASpec("all-linear", r=2))
     assert not any("lm_head" in n for n in report.adapted_modules)
     assert isinstance(model.lm_head, torch.nn.Linear)
 
 
 def test_after_optimizer_steps_only_lora_moved_and_base_is_bitwise_unchanged(arch_dir):
     model = load_model(str(arch_dir))
-    apply_lora(model, "all-linear", r=4, alpha=8, dropout=0.0)
+    apply_lora(model, LoRASpec("all-linear", r=4, alpha=8, dropout=0.0))
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert all(".lora_A." in n or ".lora_B." in n for n in lora)
@@ -68,7 +69,7 @@ def test_merge_all_equals_unmerged_and_unmerge_restores(standard_init_models, ar
     base_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     x = ids(model.config.vocab_size)
     base_logits = model(x).logits
-    apply_lora(model, "all-linear", r=4, alpha=8, dropout=0.0)
+    apply_lora(model, LoRASpec("all-linear", r=4, alpha=8, dropout=0.0))
     for layer in lora_layers(model).values():
         torch.nn.init.normal_(layer.lora_B.weight, std=0.05)
     unmerged = model(x).logits
@@ -86,7 +87,7 @@ def test_merge_all_equals_unmerged_and_unmerge_restores(standard_init_models, ar
 def test_unknown_target_is_an_error_listing_the_linear_layers(qwen2_dir):
     model = load_model(str(qwen2_dir))
     with pytest.raises(UserError) as e:
-        apply_lora(model, "query_key_value")
+        apply_lora(model, LoRASpec("query_key_value"))
     msg = str(e.value)
     assert (
         "query_key_value" in msg and "q_proj" in msg and "down_proj" in msg and "lm_head" not in msg
@@ -97,5 +98,5 @@ def test_unknown_target_is_an_error_listing_the_linear_layers(qwen2_dir):
 def test_bad_lora_arguments_fail_before_touching_the_model(qwen2_dir, kwargs):
     model = load_model(str(qwen2_dir))
     with pytest.raises(UserError):
-        apply_lora(model, **kwargs)
+        apply_lora(model, LoRASpec(**kwargs))
     assert not lora_layers(model)

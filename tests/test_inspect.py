@@ -18,6 +18,7 @@ from lora.inspect import (
     main,
 )
 from lora.model import load_model
+from lora.spec import LoRASpec
 
 PLANTED = "model.layers.1.self_attn.q_proj"
 PLANTED_SIGMA = (3.0, 1.0)  # ΔW = 3·u1 v1ᵀ + 1·u2 v2ᵀ: ‖ΔW‖_F = √10, rank 2
@@ -63,7 +64,7 @@ def plant(layer, U, V, sigma=PLANTED_SIGMA):
 def planted(tiny_models, tmp_path_factory):
     """A trained-looking adapter on all-linear where only layer 1's q_proj changed (rank 2)."""
     model = load_model(str(tiny_models["qwen2"]))
-    apply_lora(model, "all-linear", r=4, alpha=8)  # B = 0: every other ΔW is exactly zero
+    apply_lora(model, LoRASpec("all-linear", r=4, alpha=8))  # B = 0: every other ΔW is exactly zero
     layer = lora_layers(model)[PLANTED]
     plant(layer, orthonormal(64, 2, seed=1), orthonormal(64, 2, seed=2))
     out = tmp_path_factory.mktemp("planted")
@@ -106,7 +107,7 @@ def test_amplification_is_the_papers_projection_of_w0_on_the_update_directions(p
 
 def test_an_update_inside_w0s_top_directions_has_share_one(tiny_models, tmp_path):
     model = load_model(str(tiny_models["qwen2"]))
-    apply_lora(model, "q_proj", r=4, alpha=8)
+    apply_lora(model, LoRASpec("q_proj", r=4, alpha=8))
     U0, _, V0h = torch.linalg.svd(model.get_submodule(PLANTED).base_layer.weight.double())
     plant(lora_layers(model)[PLANTED], U0[:, :2], V0h[:2].T)
     save_adapter(model, tmp_path)

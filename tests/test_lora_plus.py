@@ -12,13 +12,14 @@ from lora.errors import UserError
 from lora.inject import apply_lora, lora_layers, lora_parameters
 from lora.lora_plus import optimizer_param_groups
 from lora.model import load_model
-from lora.schedule import lr_factor, warmup_cosine
-from lora.trainer import train
+from lora.spec import LoRASpec
+from lora.train.loop import train
+from lora.train.schedule import lr_factor, warmup_cosine
 
 
 def lora_model(model_dir):
     model = load_model(str(model_dir))
-    apply_lora(model, "all-linear", r=4, alpha=8, dropout=0.0)
+    apply_lora(model, LoRASpec("all-linear", r=4, alpha=8, dropout=0.0))
     return model
 
 

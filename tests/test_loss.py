@@ -3,10 +3,11 @@
 import pytest
 import torch
 
+from lora.data.prompt import IGNORE_INDEX
 from lora.inject import apply_lora, lora_layers, lora_parameters
-from lora.loss import CausalLMLoss, count_supervised, reference_loss, supervised_loss_sum
 from lora.model import load_model
-from lora.prompt import IGNORE_INDEX
+from lora.spec import LoRASpec
+from lora.train.loss import CausalLMLoss, count_supervised, reference_loss, supervised_loss_sum
 
 
 def batch(vocab, seed=0):
@@ -25,7 +26,7 @@ def batch(vocab, seed=0):
 @pytest.mark.parametrize("chunk", [1, 3, 1024])
 def test_chunked_supervised_loss_equals_model_loss_and_gradients(arch_dir, chunk):
     model = load_model(str(arch_dir))
-    apply_lora(model, "all-linear", r=4, alpha=8, dropout=0.0)
+    apply_lora(model, LoRASpec("all-linear", r=4, alpha=8, dropout=0.0))
     for layer in lora_layers(model).values():
         torch.nn.init.normal_(layer.lora_B.weight, std=0.05)
     input_ids, attention, labels = batch(model.config.vocab_size)

@@ -8,12 +8,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-import lora.run
+import lora.train.run
 from conftest import overfit_rows, tiny_config, write_json
-from lora.cache import cache_key
+from lora.data.cache import cache_key
+from lora.data.mixture import DataSource, Mixture, columns_by_file, parse_data
 from lora.errors import UserError
-from lora.mixture import DataSource, Mixture, columns_by_file, parse_data
-from lora.trainer import train
+from lora.train.loop import train
 
 
 def test_data_spec_names_files_and_optional_weights():
@@ -87,13 +87,13 @@ def test_a_run_mixes_two_files_detected_on_their_own(
 ):
     a, b = two_files
     drawn = []
-    micro_batches = lora.run.Run.micro_batches
+    micro_batches = lora.train.run.Run.micro_batches
 
     def record_rows(run, window):
         drawn.extend(i for batch in window for i in batch)
         return micro_batches(run, window)
 
-    monkeypatch.setattr(lora.run.Run, "micro_batches", record_rows)
+    monkeypatch.setattr(lora.train.run.Run, "micro_batches", record_rows)
     out = tmp_path / "out"
     cfg = tiny_config(qwen2_dir, f"{a},{b}:0.5", out, max_steps=None, epochs=3, batch_size=2,
                       columns="b.csv:prompt=Q,response=A")  # fmt: skip

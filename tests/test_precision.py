@@ -14,28 +14,30 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import lora.run
+import lora.train.run
 from conftest import overfit_rows, single_process_run, write_json
 from lora.adapter import save_adapter
-from lora.batching import collate
-from lora.data import Sample, Turn
+from lora.data.batching import collate
+from lora.data.prompt import PromptFormat, encode_sample
+from lora.data.records import Sample, Turn
 from lora.errors import UserError
-from lora.generate import export_merged, load_for_inference, merge_and_measure, single_turn
+from lora.export.merged import export_merged
+from lora.infer.generate import LoadOptions, load_for_inference, merge_and_measure, single_turn
 from lora.inject import apply_lora, lora_layers, lora_parameters
 from lora.layer import LoRALinear
-from lora.loss import CausalLMLoss
 from lora.model import load_model, load_tokenizer
-from lora.precision import (
+from lora.spec import LoRASpec
+from lora.train.loop import MAX_BAD_STEPS, TrainConfig, backward_window, optimizer_step, train
+from lora.train.loss import CausalLMLoss
+from lora.train.precision import (
     DTYPES,
     autocast_for,
     grad_scaler_for,
     inference_dtype,
     resolve_precision,
 )
-from lora.prompt import PromptFormat, encode_sample
-from lora.run import load_model_with_lora
-from lora.schedule import lr_factor, warmup_cosine
-from lora.trainer import MAX_BAD_STEPS, TrainConfig, backward_window, optimizer_step, train
+from lora.train.run import load_model_with_lora
+from lora.train.schedule import lr_factor, warmup_cosine
 
 CPU = torch.device("cpu")
 PRECISIONS = ["fp32", "bf16", "fp16"]
@@ -306,7 +308,7 @@ def overflowing_loss(monkeypatch, calls_to_overflow: set):
             loss, n = super().forward(*args)
             return (InfGradient.apply(loss) if calls["n"] in calls_to_overflow else loss), n
 
-    monkeypatch.setattr(lora.run, "CausalLMLoss", Overflowing)
+    monkeypatch.setattr(lora.train.run, "CausalLMLoss", Overflowing)
     return calls
 
 
@@ -330,7 +332,7 @@ def test_nan_losses_stop_a_16_bit_run_with_advice(qwen2_dir, tmp_path, monkeypat
             loss, n = super().forward(*args)
             return loss * float("nan"), n
 
-    monkeypatch.setattr(lora.run, "CausalLMLoss", AlwaysNaN)
+    monkeypatch.setattr(lora.train.run, "CausalLMLoss", AlwaysNaN)
     data = write_json(tmp_path / "rows.json", overfit_rows(8))
     with pytest.raises(UserError, match="lower --lr"):
         train(cfg(qwen2_dir, data, tmp_path / "o", precision=precision, max_steps=5))
@@ -387,7 +389,7 @@ def bf16_base_and_adapter(tiny_models, tmp_path_factory):
     AutoModelForCausalLM.from_pretrained(str(source)).to(torch.bfloat16).save_pretrained(base)
     load_tokenizer(str(source)).save_pretrained(base)
     model = load_model(str(base), torch.float32)
-    apply_lora(model, "all-linear", r=4, alpha=8, dropout=0.0)
+    apply_lora(model, LoRASpec("all-linear", r=4, alpha=8, dropout=0.0))
     torch.manual_seed(0)
     for layer in lora_layers(model).values():
         torch.nn.init.normal_(layer.lora_B.weight, std=0.01)
@@ -429,7 +431,7 @@ def test_merge_for_generation_measures_the_logit_change_and_says_when_rounded(
     bf16_base_and_adapter, dtype
 ):
     _, adapter = bf16_base_and_adapter
-    loaded = load_for_inference(adapter, device="cpu", dtype=dtype)
+    loaded = load_for_inference(adapter, LoadOptions(device="cpu", dtype=dtype))
     report = merge_and_measure(loaded, single_turn("你好，世界。"))
     assert all(m.merged for m in lora_layers(loaded.model).values())
     message = report.message()
@@ -459,7 +461,7 @@ def test_ddp_does_not_broadcast_the_frozen_buffers(tmp_path):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from lora.distributed import DistInfo, wrap_for_data_parallel
+    from lora.train.distributed import DistInfo, wrap_for_data_parallel
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-import lora.prepare as prepare_module
+import lora.data.prepare as prepare_module
 from conftest import write_json
-from lora.config import TrainConfig
-from lora.data import Sample, Turn
-from lora.prepare import encode_all, prepare_data
-from lora.prompt import IGNORE_INDEX, PromptFormat
-from lora.tokenized import TokenizedSet
+from lora.data.prepare import encode_all, prepare_data
+from lora.data.prompt import IGNORE_INDEX, PromptFormat
+from lora.data.records import Sample, Turn
+from lora.data.tokenized import TokenizedSet
+from lora.train.config import TrainConfig
 
 ROWS = [
     {"instruction": f"问题{i}：头痛怎么办？", "output": "注意休息，多喝水。" * (1 + i % 3)}

@@ -4,8 +4,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from conftest import QWEN_TOKENIZER, ROOT, real_tokenizer
-from lora.data import Sample, Turn
-from lora.prompt import (
+from lora.data.prompt import (
     IGNORE_INDEX,
     PromptFormat,
     encode_prompt,
@@ -16,6 +15,7 @@ from lora.prompt import (
     split_reasoning,
     truncate,
 )
+from lora.data.records import Sample, Turn
 
 # Qwen3's own chat template (from Qwen3's tokenizer_config.json): it drops the think block of
 # past answers and adds an empty one to the generation prompt when thinking is off.
@@ -177,7 +177,7 @@ def test_any_answer_text_is_located_even_inside_template_markup(tokenizer, answe
 
 
 def test_a_row_with_no_supervised_token_left_is_dropped():
-    from lora.prompt import Encoded
+    from lora.data.prompt import Encoded
 
     enc = Encoded([1, 2, 3, 4], [IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 4])
     assert truncate(enc, 3).n_supervised == 1  # the end token is kept

@@ -13,15 +13,16 @@ from safetensors.torch import load_file
 
 from conftest import overfit_rows, redraw, write_json
 from lora.adapter import load_adapter, save_adapter
-from lora.batching import collate
-from lora.data import Sample, Turn
+from lora.data.batching import collate
+from lora.data.prompt import PromptFormat, encode_sample
+from lora.data.records import Sample, Turn
 from lora.errors import UserError
 from lora.inject import apply_lora, lora_disabled, lora_layers, lora_parameters
-from lora.loss import CausalLMLoss
 from lora.model import enable_activation_checkpointing, load_model, load_tokenizer
-from lora.prompt import PromptFormat, encode_sample
 from lora.quantize import check_quantize, dequantized_weight, quantization_config
-from lora.trainer import TrainConfig, train
+from lora.spec import LoRASpec
+from lora.train.loop import TrainConfig, train
+from lora.train.loss import CausalLMLoss
 
 bnb = pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
@@ -45,7 +46,7 @@ def quantized(model_dir, kind="nf4"):
 
 
 def with_random_adapter(model, seed=1, std=0.3):
-    apply_lora(model, "all-linear", r=4, alpha=8, dropout=0.0)
+    apply_lora(model, LoRASpec("all-linear", r=4, alpha=8, dropout=0.0))
     torch.manual_seed(seed)
     for layer in lora_layers(model).values():
         torch.nn.init.normal_(layer.lora_B.weight, std=std)
@@ -143,7 +144,7 @@ def test_the_adapter_path_is_the_same_on_a_quantized_and_a_full_base(rich_dir):
     whose output differs from the dequantized weight's by ~1e-2 on this model."""
     nf4 = with_random_adapter(quantized(rich_dir))
     full = load_model(str(rich_dir))
-    apply_lora(full, "all-linear", r=4, alpha=8, dropout=0.0)
+    apply_lora(full, LoRASpec("all-linear", r=4, alpha=8, dropout=0.0))
     full.load_state_dict({k: v for k, v in nf4.state_dict().items() if "lora_" in k}, strict=False)
     full_layers = lora_layers(full)
     with torch.no_grad():

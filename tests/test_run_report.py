@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import kept_for_backward, overfit_rows, tiny_config, write_json
-from lora.cost import activation_bytes, kept_per_token_per_layer, peak_memory, size
-from lora.trainer import train
+from lora.train.cost import activation_bytes, kept_per_token_per_layer, peak_memory, size
+from lora.train.loop import train
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_the_start_estimates_memory_and_the_epochs_of_max_steps(finished_run):
 def test_activation_estimate_is_what_the_training_model_keeps(qwen2_dir, tmp_path):
     import torch
 
-    from lora.run import load_model_with_lora
+    from lora.train.run import load_model_with_lora
 
     cfg = tiny_config(qwen2_dir, tmp_path / "d.json", tmp_path / "o", targets="q_proj,v_proj")
     model, _ = load_model_with_lora(cfg, torch.device("cpu"), "fp32")
@@ -122,13 +122,15 @@ def test_metrics_jsonl_has_one_record_shape_per_kind(finished_run):
 
 
 def test_the_loss_plot_has_a_title_integer_steps_and_lr_and_grad_norm_panels(monkeypatch, tmp_path):
-    import lora.metrics
+    import lora.train.metrics
 
     figures = []
-    monkeypatch.setattr(lora.metrics.plt, "close", figures.append)
+    monkeypatch.setattr(lora.train.metrics.plt, "close", figures.append)
     history = [{"step": s, "loss": 1 / s, "lr": 0.1, "grad_norm": s} for s in (1, 2, 3)]
     (tmp_path / "run").mkdir()
-    lora.metrics.plot_loss(history, [{"step": 3, "val_loss": 0.5}], tmp_path / "run" / "p.png")
+    lora.train.metrics.plot_loss(
+        history, [{"step": 3, "val_loss": 0.5}], tmp_path / "run" / "p.png"
+    )
     (fig,) = figures
     loss, lr, norm = fig.axes
     assert fig._suptitle.get_text() == "training run run: 3 steps"

@@ -9,11 +9,11 @@ import pytest
 import sacrebleu
 
 from conftest import ROOT, overfit_rows, write_json
-from lora.answers import answer_file, read_answered
-from lora.data import read_dataset
-from lora.generate import GenerationSettings, load_for_inference
-from lora.score import health, overlap, reference_nll
-from lora.trainer import TrainConfig, train
+from lora.data.records import read_dataset
+from lora.infer.answers import answer_file, read_answered
+from lora.infer.generate import GenerationSettings, load_for_inference
+from lora.infer.score import health, overlap, reference_nll
+from lora.train.loop import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
@@ -76,16 +76,16 @@ def test_answers_are_resumed_and_a_torn_last_line_is_dropped(trained_with_val, t
     with open(out, "a", encoding="utf-8") as f:
         f.write('{"row": 3, "answ')  # a kill in the middle of a write
     calls = []
-    import lora.answers
+    import lora.infer.answers
 
-    original = lora.answers.generate_batch
-    lora.answers.generate_batch = lambda loaded, asks, s: (
+    original = lora.infer.answers.generate_batch
+    lora.infer.answers.generate_batch = lambda loaded, asks, s: (
         calls.append(len(asks)) or original(loaded, asks, s)
     )
     try:
         records = answer_file(loaded, samples, settings, batch_size=8, output=out)
     finally:
-        lora.answers.generate_batch = original
+        lora.infer.answers.generate_batch = original
     assert calls == [len(samples) - 2]  # only the rows not answered yet
     assert records[:2] == first and [r["row"] for r in records] == [s.row for s in samples]
     assert sorted(read_answered(out)) == [s.row for s in samples]

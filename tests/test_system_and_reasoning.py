@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from conftest import ROOT, overfit_rows, write_json
-from lora.generate import inference_system
-from lora.prompt import PromptFormat, split_reasoning
+from lora.data.prompt import PromptFormat, split_reasoning
+from lora.infer.generate import inference_system
 
 
 def test_system_prompt_at_inference_comes_from_flag_then_adapter_then_data():
@@ -39,7 +39,7 @@ def test_split_reasoning(text, expected):
 @pytest.fixture(scope="module")
 def trained_with_row_system(tiny_models, tmp_path_factory):
     """A tiny adapter trained on rows that all carry the same system prompt."""
-    from lora.trainer import TrainConfig, train
+    from lora.train.loop import TrainConfig, train
 
     tmp = tmp_path_factory.mktemp("system")
     rows = [dict(r, system="你是一名中医。") for r in overfit_rows(4)]

@@ -9,8 +9,8 @@ import pytest
 
 from conftest import overfit_rows, tiny_config, write_json
 from lora.errors import UserError
-from lora.tracking import check_backends, parse_report_to
-from lora.trainer import train
+from lora.train.loop import train
+from lora.train.tracking import check_backends, parse_report_to
 
 
 def test_report_to_parses_a_comma_list_and_refuses_unknown_names():

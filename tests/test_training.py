@@ -21,15 +21,16 @@ from conftest import (
     tiny_config,
     write_json,
 )
-from lora.batching import collate
-from lora.data import Sample, Turn, read_dataset
+from lora.data.batching import collate
+from lora.data.prepare import split_validation
+from lora.data.prompt import PromptFormat, encode_sample
+from lora.data.records import Sample, Turn, read_dataset
 from lora.errors import UserError
 from lora.inject import apply_lora, lora_layers, lora_parameters
-from lora.loss import CausalLMLoss
 from lora.model import enable_activation_checkpointing, load_model, load_tokenizer
-from lora.prepare import split_validation
-from lora.prompt import PromptFormat, encode_sample
-from lora.trainer import backward_window, train
+from lora.spec import LoRASpec
+from lora.train.loop import backward_window, train
+from lora.train.loss import CausalLMLoss
 
 CPU = torch.device("cpu")
 
@@ -53,7 +54,7 @@ def window_grads(model, micro):
 
 def lora_model(model_dir):
     model = load_model(str(model_dir))
-    apply_lora(model, "all-linear", r=4, alpha=8, dropout=0.0)
+    apply_lora(model, LoRASpec("all-linear", r=4, alpha=8, dropout=0.0))
     torch.manual_seed(0)
     for layer in lora_layers(model).values():
         torch.nn.init.normal_(layer.lora_B.weight, std=0.05)
@@ -125,7 +126,12 @@ def test_overfitting_8_rows_cuts_loss_90_percent_and_generation_reproduces_an_an
     first, last = result.history[0]["loss"], result.history[-1]["loss"]
     assert last <= 0.1 * first, (first, last)
 
-    from lora.generate import GenerationSettings, generate_batch, load_for_inference, single_turn
+    from lora.infer.generate import (
+        GenerationSettings,
+        generate_batch,
+        load_for_inference,
+        single_turn,
+    )
 
     loaded = load_for_inference(tmp_path / "out")
     (r,) = generate_batch(
@@ -174,7 +180,7 @@ def test_resume_rules(qwen2_dir, tmp_path, capsys):
 def test_nan_loss_skips_the_update_and_repeated_nans_stop_with_advice(
     qwen2_dir, tmp_path, monkeypatch, capsys
 ):
-    import lora.run
+    import lora.train.run
 
     calls = {"n": 0}
 
@@ -185,7 +191,7 @@ def test_nan_loss_skips_the_update_and_repeated_nans_stop_with_advice(
             return (loss * float("nan") if calls["n"] == 2 or always else loss), n
 
     always = False
-    monkeypatch.setattr(lora.run, "CausalLMLoss", NaNOnSecond)
+    monkeypatch.setattr(lora.train.run, "CausalLMLoss", NaNOnSecond)
     data = write_json(tmp_path / "rows.json", overfit_rows(8))
     result = train(cfg(qwen2_dir, data, tmp_path / "a", max_steps=3))
     assert "not finite; update skipped" in capsys.readouterr().out

@@ -14,12 +14,13 @@ from conftest import (
     train_cli,
     write_json,
 )
-from lora import loss as loss_module
 from lora.inject import apply_lora
-from lora.loss import CausalLMLoss
 from lora.model import load_model
-from lora.run import load_model_with_lora
-from lora.vocab_storage import keep_vocab_matrices_narrow
+from lora.spec import LoRASpec
+from lora.train import loss as loss_module
+from lora.train.loss import CausalLMLoss
+from lora.train.run import load_model_with_lora
+from lora.train.vocab_storage import keep_vocab_matrices_narrow
 
 CPU = torch.device("cpu")
 
@@ -32,7 +33,7 @@ def bf16_dir(request, tiny_models, tmp_path):
 def lora_model(path, narrow: bool):
     torch.manual_seed(0)  # the same A and B for both models
     model = load_model(str(path), torch.float32, CPU)
-    apply_lora(model, "q_proj,v_proj", r=4, alpha=8, dropout=0.0)
+    apply_lora(model, LoRASpec("q_proj,v_proj", r=4, alpha=8, dropout=0.0))
     for layer in model.modules():  # B ≠ 0, so every adapter shapes the output
         if hasattr(layer, "lora_B"):
             torch.nn.init.normal_(layer.lora_B.weight, std=0.5)
@@ -65,7 +66,7 @@ def test_training_run_stores_embedding_and_head_in_bf16_and_the_rest_in_fp32(bf1
 
 def test_saves_two_bytes_per_element_of_each_distinct_matrix(bf16_dir):
     model = load_model(str(bf16_dir), torch.float32, CPU)
-    apply_lora(model, "q_proj,v_proj", r=4, alpha=8, dropout=0.0)
+    apply_lora(model, LoRASpec("q_proj,v_proj", r=4, alpha=8, dropout=0.0))
     matrices = 1 if model.config.tie_word_embeddings else 2
     elements = model.config.vocab_size * model.config.hidden_size
     assert keep_vocab_matrices_narrow(model, torch.bfloat16) == matrices * elements * 2
@@ -96,7 +97,7 @@ def test_full_forward_logits_are_unchanged(bf16_dir):
 def test_weights_that_bf16_cannot_hold_stay_fp32(qwen2_dir):
     """The tiny test models are fp32 checkpoints: narrowing them would round, so nothing moves."""
     model = load_model(str(qwen2_dir), torch.float32, CPU)
-    apply_lora(model, "q_proj,v_proj", r=4, alpha=8, dropout=0.0)
+    apply_lora(model, LoRASpec("q_proj,v_proj", r=4, alpha=8, dropout=0.0))
     assert keep_vocab_matrices_narrow(model, torch.bfloat16) == 0
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert "forward" not in vars(model.model.embed_tokens)  # the stock forward

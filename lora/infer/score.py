@@ -31,11 +31,11 @@ import math
 
 import torch
 
-from .batching import collate
-from .errors import UserError
-from .inject import lora_disabled
-from .loss import CausalLMLoss
-from .prompt import encode_sample
+from ..data.batching import collate
+from ..data.prompt import encode_sample
+from ..errors import UserError
+from ..inject import lora_disabled
+from ..train.loss import CausalLMLoss
 
 METRIC_NAMES = {
     "bleu4": "sacrebleu corpus BLEU-4, tokenize=zh",

@@ -12,8 +12,8 @@ import math
 
 import torch
 
-from .adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXTRA_FILE, atomic_write_bytes
-from .batching import collate
+from ..adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXTRA_FILE, atomic_write_bytes
+from ..data.batching import collate
 from .checkpoint import save_run_adapter
 from .distributed import all_reduce_sums
 

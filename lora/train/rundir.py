@@ -33,10 +33,10 @@ from pathlib import Path
 import torch
 import transformers
 
+from ..adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXTRA_FILE, atomic_write_bytes
+from ..errors import UserError
 from . import checkpoint as ckpt
-from .adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXTRA_FILE, atomic_write_bytes
 from .distributed import barrier
-from .errors import UserError
 
 TRAIN_ARGS = "train_args.json"
 METRICS = "metrics.jsonl"

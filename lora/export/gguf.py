@@ -48,12 +48,13 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 SUPPORTED_ARCHS = ("qwen2", "qwen3")
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
@@ -166,84 +167,46 @@ def _tensor_type(gguf, array: np.ndarray, gguf_type: str):
 FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
 
 
-def write_gguf(
-    model,
-    tokenizer,
-    path,
-    gguf_type: str = "f16",
-    chat_template: str | None = None,
-    eos_token_id: int | None = None,
-    name: str = "",
-    log=print,
-) -> Path:
-    """Write `model` (a merged qwen2/qwen3 `...ForCausalLM`, any dtype) and its tokenizer."""
+@dataclass(frozen=True)
+class GGUFOptions:
+    """What goes into a GGUF file besides the weights: the weight type (--gguf-type), the chat
+    template and end-of-turn token the adapter was trained with, and the model's display name."""
+
+    gguf_type: str = "f16"
+    chat_template: str | None = None
+    eos_token_id: int | None = None  # None: the tokenizer's own
+    name: str = ""
+
+
+def write_gguf(model, tokenizer, path, options: GGUFOptions | None = None, log=print) -> Path:
+    """Write `model` (a merged qwen2/qwen3 `...ForCausalLM`, any dtype) and its tokenizer.
+
+    Everything that can be refused is checked before the file is created; the file is written
+    under a temporary name and renamed into place.
+    """
+    o = options or GGUFOptions()
     gguf = import_gguf()
-    config = model.config
-    arch_name = check_architecture(getattr(config, "model_type", None))
-    if gguf_type not in GGUF_TYPES:
-        raise UserError(f"--gguf-type must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}")
+    arch_name = check_architecture(getattr(model.config, "model_type", None))
+    if o.gguf_type not in GGUF_TYPES:
+        raise UserError(f"--gguf-type must be one of {', '.join(GGUF_TYPES)}, got {o.gguf_type!r}")
     path = check_output_path(path)
-    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name)
     pre = pre_tokenizer_name(tokenizer)
-    rope_theta = _rope_theta(config)
-    n_heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    _rope_theta(model.config)  # refuses RoPE scaling before anything is written
     state = model.state_dict()
-    tied = bool(getattr(config, "tie_word_embeddings", False)) or "lm_head.weight" not in state
-    vocab_rows = state["model.embed_tokens.weight"].shape[0]
-    vocab = tokenizer_metadata(tokenizer, vocab_rows)
+    tied = (
+        bool(getattr(model.config, "tie_word_embeddings", False)) or "lm_head.weight" not in state
+    )
+    vocab = tokenizer_metadata(tokenizer, state["model.embed_tokens.weight"].shape[0])
 
     tmp = w = None
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         w = gguf.GGUFWriter(tmp, arch_name)
-        w.add_name(name or "merged LoRA fine-tune")
-        w.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[gguf_type]))
-        if gguf_type == "q8_0":
-            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        w.add_context_length(config.max_position_embeddings)
-        w.add_embedding_length(config.hidden_size)
-        w.add_feed_forward_length(config.intermediate_size)
-        w.add_block_count(config.num_hidden_layers)
-        w.add_head_count(n_heads)
-        w.add_head_count_kv(getattr(config, "num_key_value_heads", None) or n_heads)
-        w.add_key_length(head_dim)
-        w.add_value_length(head_dim)
-        w.add_rope_freq_base(rope_theta)
-        w.add_layer_norm_rms_eps(config.rms_norm_eps)
-
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre(pre)
-        w.add_token_list(vocab["tokens"])
-        w.add_token_types(vocab["types"])
-        w.add_token_merges(vocab["merges"])
-        bos = tokenizer.bos_token_id
-        if bos is None:
-            bos = getattr(config, "bos_token_id", None)
-        if bos is not None:
-            w.add_bos_token_id(bos)
-        eos = eos_token_id if eos_token_id is not None else tokenizer.eos_token_id
-        if eos is not None:
-            w.add_eos_token_id(eos)
-        if tokenizer.pad_token_id is not None:
-            w.add_pad_token_id(tokenizer.pad_token_id)
-        w.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
-        if chat_template:
-            w.add_chat_template(chat_template)
-
-        names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
-        for hf_name, tensor in state.items():
-            if hf_name == "lm_head.weight" and tied:
-                continue
-            base, _, suffix = hf_name.rpartition(".")
-            gguf_base = names.get_name(base)
-            if gguf_base is None:
-                raise UserError(f"no GGUF name for tensor {hf_name} of a {arch_name} model")
-            array = tensor.detach().to(torch.float32).cpu().numpy()
-            qtype = _tensor_type(gguf, array, gguf_type)
-            data = gguf.quants.quantize(array, qtype)
-            w.add_tensor(f"{gguf_base}.{suffix}", data, raw_dtype=qtype)
+        _add_model_metadata(w, gguf, model.config, o)
+        _add_tokenizer(w, tokenizer, vocab, pre, model.config, o)
+        tensors = {k: v for k, v in state.items() if not (tied and k == "lm_head.weight")}
+        _add_tensors(w, gguf, tensors, arch_name, model.config, o.gguf_type)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -258,10 +221,67 @@ def write_gguf(
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
     log(
-        f"GGUF ({gguf_type}, {arch_name}, pre-tokenizer {pre}, {'tied' if tied else 'untied'} "
+        f"GGUF ({o.gguf_type}, {arch_name}, pre-tokenizer {pre}, {'tied' if tied else 'untied'} "
         f"lm_head) written to {path}"
     )
     return path
+
+
+def _add_model_metadata(w, gguf, config, o: GGUFOptions) -> None:
+    """The architecture's hyperparameters, as llama.cpp's loader reads them."""
+    n_heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    w.add_name(o.name or "merged LoRA fine-tune")
+    w.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[o.gguf_type]))
+    if o.gguf_type == "q8_0":
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_context_length(config.max_position_embeddings)
+    w.add_embedding_length(config.hidden_size)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_block_count(config.num_hidden_layers)
+    w.add_head_count(n_heads)
+    w.add_head_count_kv(getattr(config, "num_key_value_heads", None) or n_heads)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_freq_base(_rope_theta(config))
+    w.add_layer_norm_rms_eps(config.rms_norm_eps)
+
+
+def _add_tokenizer(w, tokenizer, vocab: dict, pre: str, config, o: GGUFOptions) -> None:
+    """The byte-level BPE vocabulary, merges, special tokens and the chat template."""
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(vocab["tokens"])
+    w.add_token_types(vocab["types"])
+    w.add_token_merges(vocab["merges"])
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        bos = getattr(config, "bos_token_id", None)
+    if bos is not None:
+        w.add_bos_token_id(bos)
+    eos = o.eos_token_id if o.eos_token_id is not None else tokenizer.eos_token_id
+    if eos is not None:
+        w.add_eos_token_id(eos)
+    if tokenizer.pad_token_id is not None:
+        w.add_pad_token_id(tokenizer.pad_token_id)
+    w.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
+    if o.chat_template:
+        w.add_chat_template(o.chat_template)
+
+
+def _add_tensors(w, gguf, state: dict, arch_name: str, config, gguf_type: str) -> None:
+    """Every weight under its GGUF name, in the asked type (norms and biases stay f32); `state`
+    holds lm_head.weight only when the head is not tied to the embedding."""
+    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name)
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    for hf_name, tensor in state.items():
+        base, _, suffix = hf_name.rpartition(".")
+        gguf_base = names.get_name(base)
+        if gguf_base is None:
+            raise UserError(f"no GGUF name for tensor {hf_name} of a {arch_name} model")
+        array = tensor.detach().to(torch.float32).cpu().numpy()
+        qtype = _tensor_type(gguf, array, gguf_type)
+        w.add_tensor(f"{gguf_base}.{suffix}", gguf.quants.quantize(array, qtype), raw_dtype=qtype)
 
 
 def _rope_theta(config) -> float:
@@ -290,11 +310,16 @@ def export_gguf(
     """
     from transformers import AutoConfig
 
-    from .adapter import atomic_write_bytes, load_adapter, read_adapter_config, read_adapter_extra
-    from .generate import base_model_of
-    from .inject import remove_lora
-    from .model import load_model, load_tokenizer
-    from .prompt import PromptFormat, stop_token_ids
+    from ..adapter import (
+        atomic_write_bytes,
+        base_model_of,
+        load_adapter,
+        read_adapter_config,
+        read_adapter_extra,
+    )
+    from ..data.prompt import PromptFormat, stop_token_ids
+    from ..inject import remove_lora
+    from ..model import load_model, load_tokenizer
     from .serving import chat_template, end_token_id, modelfile, usable_format
 
     import_gguf()
@@ -322,16 +347,13 @@ def export_gguf(
         | set(stop_token_ids(tokenizer, fmt, model.generation_config))
     )
     modelfile_text = modelfile(path.name, tokenizer, fmt, stops)  # refuses before writing
-    write_gguf(
-        model,
-        tokenizer,
-        path,
+    options = GGUFOptions(
         gguf_type,
         chat_template=chat_template(tokenizer, fmt),
         eos_token_id=end_token_id(tokenizer, fmt),
         name=f"{Path(str(base)).name} + LoRA",
-        log=log,
     )
+    write_gguf(model, tokenizer, path, options, log=log)
     modelfile_path = path.parent / "Modelfile"
     try:
         atomic_write_bytes(modelfile_path, modelfile_text.encode("utf-8"))

@@ -25,8 +25,8 @@ adapter after N steps equals the single-process one. Mixed precision is FSDP2's 
 gathered in bf16/fp16, gradients reduced in fp32 onto the fp32 adapter master weights.
 
 Under FSDP each adapter weight is a `DTensor` (a shard plus where it sits in the whole). Saving
-gathers it (`full_tensor`, a collective: every process calls it), loading scatters it back
-(`copy_full_`), and AdamW's state is saved shard by shard with `torch.distributed.checkpoint`.
+gathers it (`adapter.full_tensor`, a collective: every process calls it), loading scatters it
+back (`adapter.copy_full_`), and AdamW's state is saved shard by shard with `torch.distributed.checkpoint`.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..errors import UserError
 from .distributed import DistInfo, wrap_for_data_parallel
-from .errors import UserError
 from .precision import grad_scaler_for
 
 
@@ -51,7 +51,7 @@ def check_sharding(cfg, info: DistInfo) -> None:
             "--shard fsdp splits the model across processes: start 2 or more with torchrun, "
             "e.g. torchrun --nproc_per_node 2 train.py --shard fsdp ..."
         )
-    from .model import load_model_config  # reads config.json only
+    from ..model import load_model_config  # reads config.json only
 
     layers = getattr(load_model_config(cfg.model, cfg.trust_remote_code), "num_hidden_layers", None)
     if layers is not None and info.world_size > layers:
@@ -78,7 +78,7 @@ def wrap_for_training(loss_module: torch.nn.Module, cfg, info: DistInfo, device,
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-    from .inject import lora_parameters
+    from ..inject import lora_parameters
     from .precision import DTYPES
 
     model = loss_module.model
@@ -124,25 +124,6 @@ def grad_scaler(precision: str, device, sharded: bool):
 
         return ShardedGradScaler(device.type)
     return grad_scaler_for(precision, device)
-
-
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor: a DTensor's shards gathered (a collective), any other tensor as it is."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-@torch.no_grad()
-def copy_full_(param: torch.Tensor, full: torch.Tensor) -> None:
-    """param ← full; for a DTensor, each process keeps its own shard of `full`."""
-    if hasattr(param, "device_mesh"):
-        from torch.distributed.tensor import distribute_tensor
-
-        full = distribute_tensor(
-            full.to(param.device, param.dtype), param.device_mesh, param.placements
-        )
-        param.copy_(full)
-    else:
-        param.copy_(full.to(param.device, param.dtype))
 
 
 def save_sharded_optimizer(run, directory: Path) -> None:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from .adapter import (
+from ..adapter import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     adapter_state_dict,
@@ -43,8 +43,8 @@ from .adapter import (
     read_adapter_tensors,
     save_adapter,
 )
+from ..errors import UserError
 from .distributed import barrier
-from .errors import UserError
 from .sharding import load_sharded_optimizer, save_sharded_optimizer
 
 STATE_FILE = "training_state.pt"

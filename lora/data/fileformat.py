@@ -1,6 +1,6 @@
 """Bytes to records: decoding a data file and deciding its container, before any schema.
 
-A data file arrives as bytes. Two questions come before "what does a row mean" (`data.py`):
+A data file arrives as bytes. Two questions come before "what does a row mean" (`records.py`):
 
 - Which encoding? UTF-8 (with or without BOM) first, then GB18030, a superset of GBK and
   GB2312, common in Chinese medical data. Never the system default.
@@ -21,7 +21,7 @@ import io
 import json
 import sys
 
-from .errors import UserError
+from ..errors import UserError
 
 
 class BadRow(Exception):

@@ -3,7 +3,7 @@
 A `Run` carries the model and its LoRA-wrapped loss, the optimizer, the learning-rate schedule,
 the GradScaler (fp16 only), the autocast context, the device, the process's place under
 torchrun, the output directory and the progress so far (`RunState`). Helpers take the run
-instead of long argument lists, and `trainer.py` reads as the pseudo-code in its docstring.
+instead of long argument lists, and `loop.py` reads as the pseudo-code in its docstring.
 
 `setup` does, in order: tokenizer and data (the cheap part that fails most often, first),
 model + LoRA injection + freezing, DDP or FSDP under torchrun, optimizer and schedule, resuming from a
@@ -21,24 +21,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.batching import collate, global_batches
+from ..data.mixture import Mixture, parse_data
+from ..data.prepare import prepare_data
+from ..data.prompt import PromptFormat, resolve_template, stop_token_ids
+from ..data.records import write_rows
+from ..errors import UserError
+from ..inject import apply_lora, lora_parameters
+from ..lora_plus import check_lora_plus_ratio, optimizer_param_groups
+from ..model import checkpoint_dtype, enable_activation_checkpointing, load_model, load_tokenizer
+from ..quantize import quantization_config
 from .activations import keep_less_for_backward
-from .batching import collate, global_batches
 from .checkpoint import resume_checkpoint
 from .config import TrainConfig
 from .cost import estimate, estimate_lines
-from .data import write_rows
 from .distributed import DistInfo, barrier, shard_rows
-from .errors import UserError
-from .inject import apply_lora, lora_parameters
-from .lora_plus import check_lora_plus_ratio, optimizer_param_groups
 from .loss import CausalLMLoss
 from .metrics import MetricsLog, startup_summary
-from .mixture import Mixture, parse_data
-from .model import checkpoint_dtype, enable_activation_checkpointing, load_model, load_tokenizer
 from .precision import DTYPES, autocast_for
-from .prepare import prepare_data
-from .prompt import PromptFormat, resolve_template, stop_token_ids
-from .quantize import quantization_config
 from .rundir import HELDOUT, METRICS, RunDirPlan, RunRecord, clean_run_dir, write_train_args
 from .schedule import warmup_cosine, warmup_steps
 from .sharding import grad_scaler, model_load_device, wrap_for_training
@@ -216,9 +216,7 @@ def load_model_with_lora(cfg: TrainConfig, device, precision: str):
     base_dtype = DTYPES[precision]
     quantized = quantization_config(cfg.quantize, compute_dtype=base_dtype)  # None: no QLoRA
     model = load_model(cfg.model, base_dtype, device, cfg.trust_remote_code, quantized)
-    report = apply_lora(
-        model, cfg.targets, cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora, use_dora=cfg.dora
-    )
+    report = apply_lora(model, cfg.lora_spec())
     if precision == "fp32" and cfg.shard != "fsdp":  # embedding and head as stored (exact)
         keep_vocab_matrices_narrow(model, checkpoint_dtype(cfg.model, cfg.trust_remote_code))
     keep_less_for_backward(model)  # SwiGLU keeps 2 of its 3 activations (activations.py)

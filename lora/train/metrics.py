@@ -28,8 +28,8 @@ import matplotlib
 import torch
 from tqdm import tqdm
 
-from .adapter import atomic_write_bytes
-from .errors import UserError, with_path
+from ..adapter import atomic_write_bytes
+from ..errors import UserError, with_path
 
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)

@@ -38,9 +38,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from .data import Sample, Turn
-from .errors import UserError
-from .prompt import PromptFormat, end_of_turn_text, prompt_text
+from ..data.prompt import PromptFormat, end_of_turn_text, prompt_text
+from ..data.records import Sample, Turn
+from ..errors import UserError
 
 # Marker words for probing: plain ASCII words a template passes through unchanged.
 _SYSTEM, _USERS, _ANSWERS = (

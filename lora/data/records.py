@@ -29,7 +29,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 from .fileformat import BadRow, decode_bytes, parse_records
 
 
@@ -370,7 +370,7 @@ def write_rows(picks: list[tuple[str, list[int]]], dest, encoding: str | None = 
     """
     import json
 
-    from .adapter import atomic_write_bytes
+    from ..adapter import atomic_write_bytes
 
     lines = []
     for source, rows in picks:

@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .prompt import IGNORE_INDEX
+from ..data.prompt import IGNORE_INDEX
 
 # Rows per chunk are chosen so one chunk of fp32 logits is about 128 MB (2^25 floats):
 # ~220 rows for Qwen's 151,936-token vocabulary.

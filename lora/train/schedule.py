@@ -12,7 +12,7 @@ import math
 
 from torch.optim.lr_scheduler import LambdaLR
 
-from .errors import UserError
+from ..errors import UserError
 
 
 def warmup_steps(warmup: float, total_steps: int) -> int:

@@ -58,9 +58,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .data import Sample, Turn
-from .errors import UserError
+from ..errors import UserError
 from .fileformat import BadRow
+from .records import Sample, Turn
 
 IGNORE_INDEX = -100
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"

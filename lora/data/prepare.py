@@ -1,6 +1,6 @@
 """The training set: read the files, hold out validation rows, tokenize, and say what happened.
 
-    read_dataset (data.py)      each --data file -> conversations, bad rows counted (mixture.py)
+    read_dataset (records.py)   each --data file -> conversations, bad rows counted (mixture.py)
     split                       --val-data, or --val-size rows held out by --seed
     encode_all                  conversations -> rows of input_ids + labels, --max-len applied,
                                 in batches of CHUNK rows through the fast tokenizer
@@ -25,13 +25,13 @@ from functools import partial
 
 import numpy as np
 
+from ..errors import UserError
 from .batching import padding_ratio, plan_batches
 from .cache import cache_entry, load_cached, load_sets, save_cached
-from .data import read_dataset
-from .errors import UserError
 from .fileformat import BadRow
 from .mixture import DataSource, columns_by_file, parse_data
 from .prompt import encode_rows, get_renderer, truncate
+from .records import read_dataset
 from .tokenized import TokenizedSet
 
 CHUNK = 1024  # rows per call of the batch tokenizer: big enough to keep every core busy

@@ -18,14 +18,17 @@ import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
+from ..spec import (
+    DEFAULT_ALPHA,
+    DEFAULT_DROPOUT,
+    DEFAULT_RANK,
+    DEFAULT_TARGETS,
+    QUANTIZE_CHOICES,
+    LoRASpec,
+)
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
-DEFAULT_TARGETS = ("q_proj", "v_proj")  # the LoRA paper's choice: attention queries and values
-DEFAULT_RANK = 8
-DEFAULT_ALPHA = 16.0
-DEFAULT_DROPOUT = 0.05
-QUANTIZE_CHOICES = ("none", "nf4", "int8")  # the frozen base: as stored, 4-bit NF4, 8-bit (QLoRA)
 SHARD_CHOICES = ("ddp", "fsdp")  # under torchrun: whole model per process, or sharded (sharding.py)
 
 
@@ -194,6 +197,10 @@ class TrainConfig:
         "evaluation and checkpoints",
     )
 
+    def lora_spec(self) -> LoRASpec:
+        """The adapters this run injects (inject.py)."""
+        return LoRASpec(self.targets, self.rank, self.alpha, self.dropout, self.rslora, self.dora)
+
 
 def number(text: str) -> float:
     """An int if it looks like one (a count), else a float (a fraction)."""
@@ -276,7 +283,7 @@ def check_config(cfg: TrainConfig) -> None:
     ]
     problems += _val_size_problem(cfg.val_size)
     problems += _early_stop_problem(cfg)
-    from .mixture import parse_data
+    from ..data.mixture import parse_data
     from .tracking import parse_report_to
 
     problems += _parse_problem(parse_report_to, cfg.report_to)

@@ -1,4 +1,4 @@
-"""Inference with a trained adapter: load, prompt exactly as in training, generate, export.
+"""Inference with a trained adapter: load, prompt exactly as in training, generate, merge.
 
 The adapter directory records how training built its prompts (template, system prompt) and
 which tokens end an answer. Inference reuses `prompt.encode_prompt`, the same builder that
@@ -9,23 +9,19 @@ answer, and generation stops on every end token the model knows (for Qwen: `<|im
 
 from __future__ import annotations
 
-import os
-import shutil
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 
-from .adapter import load_adapter, read_adapter_config, read_adapter_extra
-from .data import Sample, Turn
-from .errors import UserError
-from .inject import lora_disabled, lora_layers, remove_lora
-from .model import checkpoint_dtype, load_model, load_tokenizer
-from .precision import inference_dtype, pick_device
-from .prompt import PromptFormat, encode_prompt, split_reasoning, stop_token_ids
-from .quantize import quantization_config
+from ..adapter import base_model_of, load_adapter, read_adapter_config, read_adapter_extra
+from ..data.prompt import PromptFormat, encode_prompt, split_reasoning, stop_token_ids
+from ..data.records import Sample, Turn
+from ..errors import UserError
+from ..inject import lora_disabled, merge_lora
+from ..model import load_model, load_tokenizer
+from ..quantize import quantization_config
+from ..train.precision import inference_dtype, pick_device
 from .sampling import GenerationSettings  # noqa: F401  (re-exported: generate's settings)
-from .serving import carry_prompt
 
 
 @dataclass
@@ -39,37 +35,35 @@ class LoadedAdapter:
     system_source: str | None = None  # "--system", "adapter" (train.py --system), "data", None
 
 
-def base_model_of(adapter_dir, config: dict, model_override: str | None) -> str:
-    """`--model` when given, else the base model recorded in the adapter's config."""
-    base = model_override or config.get("base_model_name_or_path")
-    if not base:
-        raise UserError(f"{adapter_dir}/adapter_config.json names no base model; pass --model")
-    return base
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to load the base under an adapter: infer.py's --model, --device, --dtype, --quantize,
+    --trust-remote-code and --system, with their defaults."""
+
+    model: str | None = None  # None: the base model recorded in the adapter's config
+    device: str = "auto"
+    dtype: str = "auto"  # auto: bf16 on a GPU, fp32 on CPU
+    quantize: str = "none"
+    trust_remote_code: bool = False
+    system: str | None = None
 
 
-def load_for_inference(
-    adapter_dir,
-    model_override: str | None = None,
-    device: str = "auto",
-    dtype: str = "auto",
-    trust_remote_code: bool = False,
-    system: str | None = None,
-    quantize: str = "none",
-) -> LoadedAdapter:
+def load_for_inference(adapter_dir, options: LoadOptions | None = None) -> LoadedAdapter:
     """Base model (from the adapter's config or `--model`) + adapter, ready to generate.
 
-    The system prompt of a question without its own: `system` (infer.py --system), else the
-    one training gave every row (train.py --system), else the one most training rows carried.
-    `quantize` ("nf4", "int8") loads the base quantized (QLoRA, see quantize.py), whatever
-    base the adapter was trained on; the adapter itself stays in full precision.
+    The system prompt of a question without its own: `options.system` (infer.py --system), else
+    the one training gave every row (train.py --system), else the one most training rows carried.
+    `options.quantize` ("nf4", "int8") loads the base quantized (QLoRA, see quantize.py),
+    whatever base the adapter was trained on; the adapter itself stays in full precision.
     """
+    o = options or LoadOptions()
     config = read_adapter_config(adapter_dir)
-    base = base_model_of(adapter_dir, config, model_override)
-    dev = pick_device(device)
-    tokenizer = load_tokenizer(base, trust_remote_code)
-    compute_dtype = inference_dtype(dtype, dev)
-    quantized = quantization_config(quantize, compute_dtype)
-    model = load_model(base, compute_dtype, dev, trust_remote_code, quantized)
+    base = base_model_of(adapter_dir, config, o.model)
+    dev = pick_device(o.device)
+    tokenizer = load_tokenizer(base, o.trust_remote_code)
+    compute_dtype = inference_dtype(o.dtype, dev)
+    quantized = quantization_config(o.quantize, compute_dtype)
+    model = load_model(base, compute_dtype, dev, o.trust_remote_code, quantized)
     load_adapter(model, adapter_dir, dropout=0.0)
     model.eval()
     model.config.use_cache = True
@@ -82,7 +76,7 @@ def load_for_inference(
         set(extra.get("stop_token_ids") or [])
         | set(stop_token_ids(tokenizer, fmt, model.generation_config))
     )
-    fmt, source = inference_system(fmt, system)
+    fmt, source = inference_system(fmt, o.system)
     return LoadedAdapter(model, tokenizer, fmt, stops, config, base, source)
 
 
@@ -164,15 +158,6 @@ def generate_compare(loaded: LoadedAdapter, samples, settings) -> list[dict]:
     return [{"base": b, "tuned": t} for b, t in zip(base, tuned)]
 
 
-def merge_adapters(model) -> float:
-    """Fold every adapter into its base weight (in fp32, rounded once into the base dtype).
-
-    Returns the largest fraction of a layer's ΔW that rounding lost: 0 for an fp32 base, often
-    10-90% for a bf16 base (see layer.py). Already merged layers count as 0.
-    """
-    return max((m.merge() for m in lora_layers(model).values()), default=0.0)
-
-
 @dataclass
 class MergeReport:
     dtype: torch.dtype  # of the merged weights
@@ -202,73 +187,10 @@ def merge_and_measure(loaded: LoadedAdapter, sample: Sample) -> MergeReport:
     ids = torch.tensor([encode_prompt(sample, loaded.fmt, loaded.tokenizer)])
     ids = ids.to(next(model.parameters()).device)
     before = model(ids).logits.float()
-    lost = merge_adapters(model)
+    lost = merge_lora(model)
     after = model(ids).logits.float()
     dtype = next(model.parameters()).dtype
     return MergeReport(dtype, lost, float((after - before).abs().max()))
-
-
-def export_merged(
-    adapter_dir, out_dir, model_override=None, trust_remote_code=False, log=print
-) -> Path:
-    """Write base + adapter as one plain Hugging Face checkpoint (no trace of LoRA).
-
-    The output keeps the base checkpoint's dtype (a bf16 base exports at bf16 size). That dtype
-    is read from the checkpoint's config *before* loading (a model loaded in fp32 reports fp32)
-    and the base is loaded in it, exactly as stored. Each merge is computed in fp32 from the
-    exact W0 and the fp32 adapter, then rounded once; in bf16/fp16 that rounding loses part of
-    ΔW, and we say how much.
-    The base is never quantized here, even for an adapter trained on an NF4/int8 base (QLoRA):
-    merging into dequantized 4-bit weights would bake their rounding error into the model.
-    """
-    config = read_adapter_config(adapter_dir)
-    base = base_model_of(adapter_dir, config, model_override)
-    trained_on = read_adapter_extra(adapter_dir).get("base_quantization", "none")
-    if trained_on != "none":
-        log(
-            f"note: the adapter was trained on a {trained_on}-quantized base; it is merged into "
-            f"the original unquantized weights of {base}, not into quantized ones"
-        )
-    tokenizer = load_tokenizer(base, trust_remote_code)
-    saved_dtype = checkpoint_dtype(base, trust_remote_code)
-    model = load_model(base, saved_dtype, "cpu", trust_remote_code)
-    load_adapter(model, adapter_dir, dropout=0.0)
-    lost = merge_adapters(model)
-    remove_lora(model)
-    if saved_dtype != torch.float32:
-        log(
-            f"note: merged in fp32 and saved as {str(saved_dtype).replace('torch.', '')} like the "
-            f"base; rounding lost up to {lost:.0%} of a layer's update (logits differ slightly "
-            f"from base + adapter)"
-        )
-    fmt = PromptFormat.from_dict(read_adapter_extra(adapter_dir).get("prompt_format"))
-    stops = stop_token_ids(tokenizer, fmt, model.generation_config)
-    carry_prompt(model, tokenizer, fmt, stops)  # chat template and stop tokens as trained
-    model.config.use_cache = True
-    return save_whole(model, tokenizer, Path(out_dir))
-
-
-def save_whole(model, tokenizer, out_dir: Path) -> Path:
-    """`save_pretrained` into a hidden temporary directory, then move it into place.
-
-    A crash or a full disk mid-write leaves no half-written checkpoint in `out_dir`: a new
-    directory appears whole, by one rename; into an existing one every file is moved by
-    `os.replace`, so each file is the old one or the new one, never a part.
-    """
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if not out_dir.exists():
-            os.rename(tmp, out_dir)
-            return out_dir
-        for f in tmp.iterdir():
-            os.replace(f, out_dir / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
 
 
 def single_turn(prompt: str, user_input: str = "") -> Sample:

@@ -26,7 +26,9 @@ from pathlib import Path
 
 import torch
 
-from .batching import training_windows
+from ..adapter import full_tensor
+from ..data.batching import training_windows
+from ..errors import TrainingInterrupted, UserError
 from .checkpoint import save_checkpoint, save_run_adapter
 from .config import TrainConfig, check_config
 from .cost import summary, summary_lines
@@ -38,14 +40,13 @@ from .distributed import (
     shutdown,
     stop_signals,
 )
-from .errors import TrainingInterrupted, UserError
 from .evaluate import early_stop_due, evaluate_and_keep_best, use_best_adapter
 from .loss import count_supervised
 from .metrics import ProgressBar, plot_loss
 from .precision import out_of_memory_advice, pick_device, resolve_precision
 from .run import Run, setup
 from .rundir import HELDOUT, LOSS_PLOT, prepare_run_dir, run_dir_lock, write_train_args
-from .sharding import check_sharding, deferred_gradient_sync, full_tensor
+from .sharding import check_sharding, deferred_gradient_sync
 from .tracking import check_backends
 
 MAX_BAD_STEPS = 3  # non-finite updates in a row that mean the run diverged

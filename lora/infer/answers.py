@@ -24,8 +24,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .adapter import atomic_write_bytes
-from .data import Sample, Turn
+from ..adapter import atomic_write_bytes
+from ..data.records import Sample, Turn
 from .generate import generate_batch, generate_compare
 
 

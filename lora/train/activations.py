@@ -24,7 +24,9 @@ gradients are the stock ones, bit for bit.
 
 LoRA's dropout (`--dropout`, on the adapter's input only) is the other place: `DroppedProjection`
 keeps a 1-byte mask per adapter and the input that q_proj and v_proj share, where autograd keeps a
-mask and a dropped copy of the input for each.
+mask and a dropped copy of the input for each. `LoRALinear` itself stays the plain formula
+(layer.py); training gives each of its instances the forward below, which computes the same
+`lora_A(lora_dropout(x))` through `DroppedProjection`.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ import types
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..layer import LoRALinear
 
 # Transformers' MLP classes whose forward is exactly `down(act(gate(x)) * up(x))`.
 SWIGLU_MLPS = {"Qwen2MLP", "Qwen3MLP", "Qwen2MoeMLP", "Qwen3MoeMLP", "LlamaMLP"}
@@ -74,16 +78,20 @@ def is_swiglu_mlp(module: nn.Module) -> bool:
 
 
 def keep_less_for_backward(model: nn.Module) -> int:
-    """Give every SwiGLU MLP of `model` the forward above; returns how many were changed.
+    """Give every SwiGLU MLP of `model` the forward above, and every plain `LoRALinear` with
+    dropout the one below; returns how many modules were changed.
 
     Only the instances' `forward` changes (as accelerate's hooks do): parameters, state-dict keys
     and outputs stay what they were. Other MLP kinds (another activation, a fused expert block)
-    keep their own forward.
+    and DoRA layers keep their own forward.
     """
     changed = 0
     for module in model.modules():
         if is_swiglu_mlp(module):
             module.forward = types.MethodType(swiglu_mlp_forward, module)
+            changed += 1
+        elif type(module) is LoRALinear and isinstance(module.lora_dropout, nn.Dropout):
+            module.forward = types.MethodType(lora_forward_keeping_a_mask, module)
             changed += 1
     return changed
 
@@ -131,3 +139,15 @@ def dropout_then_project(x: torch.Tensor, weight: torch.Tensor, p: float) -> tor
         x, weight = x.to(dtype), weight.to(dtype)
     with torch.autocast(device, enabled=False):
         return DroppedProjection.apply(x, weight, p)
+
+
+def lora_forward_keeping_a_mask(layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+    """`LoRALinear.forward`, h = base(x) + s · B(A(dropout(x))), with `A(dropout(x))` computed by
+    `DroppedProjection` in training (in eval mode, merged or disabled: the layer's own forward)."""
+    if not layer.training or layer.merged or layer.disabled:
+        return type(layer).forward(layer, x)
+    h = layer.base_layer(x)
+    if not torch.is_autocast_enabled(x.device.type):
+        x = x.to(layer.lora_A.weight.dtype)  # as in LoRALinear.forward
+    Ax = dropout_then_project(x, layer.lora_A.weight, layer.lora_dropout.p)
+    return h + (layer.scaling * layer.lora_B(Ax)).to(h.dtype)

@@ -20,7 +20,7 @@ import importlib
 import json
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 BACKENDS = {  # name: (module to import, the package pip installs)
     "tensorboard": ("torch.utils.tensorboard", "tensorboard"),
