@@ -81,16 +81,16 @@ demo: $(EVAL)
 # checkpointing off and on (~1.5 h), then ours vs TRL at 256-2048 tokens (~3 h: the same 16 steps,
 # 2 untimed, at 2048 tokens a step of TRL's takes 1-2 min), where the time goes (torch.profiler:
 # ours vs TRL at each of those lengths, ours vs the tutorial on the main rows), then data
-# preparation. The README's tables are regenerated from the results JSON (--readme).
+# preparation. docs/benchmark.md's tables are regenerated from the results JSON (--docs).
 bench: $(DEV)
-	HF_HUB_OFFLINE=1 $(BIN)/python bench/run.py --readme $(ARGS)
-	HF_HUB_OFFLINE=1 $(BIN)/python bench/run.py --lengths 256,512,1024,2048 --batch-size 1 --grad-accum 2 --readme $(ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/run.py --docs $(ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/run.py --lengths 256,512,1024,2048 --batch-size 1 --grad-accum 2 --docs $(ARGS)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/op_profile.py --lengths 256,512,1024,2048 --steps 3 --warmup-steps 1 --batch-size 1 --grad-accum 2 --grad-checkpointing both $(ARGS)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/op_profile.py --contenders ours,tutorial --steps 3 --warmup-steps 1 --grad-checkpointing both $(ARGS)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/data_prep.py
 
 # The same comparisons, shorter (~1 h): 6 steps (4 timed), lengths up to 1024, 20k synthetic rows.
-# The README is left alone.
+# docs/benchmark.md is left alone.
 bench-quick: $(DEV)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/run.py --steps 6 --heldout 8 $(ARGS)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/run.py --lengths 256,512,1024 --steps 4 --batch-size 1 --grad-accum 4 $(ARGS)

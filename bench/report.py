@@ -2,10 +2,11 @@
 
 `render_results(data)` is the whole results file: tables, ratios (ours / each other contender at
 the same checkpointing setting), and each ratio held to its target in `TARGETS`, a missed speed
-target pointing at the profile that says why. `update_readme` puts the same tables into README.md
-between its `<!-- bench:KIND:start -->` and `<!-- bench:KIND:end -->` markers, so the README's
-numbers are always regenerated from a JSON, never typed by hand: from one run, or for the
-scaling table from several runs of different max lengths (a long run split in two).
+target pointing at the profile that says why. `update_page` puts the same tables into the
+benchmark page (docs/benchmark.md; bench/run.py --docs) between its `<!-- bench:KIND:start -->`
+and `<!-- bench:KIND:end -->` markers, so the page's numbers are always regenerated from a JSON,
+never typed by hand: from one run, or for the scaling table from several runs of different max
+lengths (a long run split in two).
 `write_atomic` is how every bench script writes a file, `read_results` how each `--render` reads
 one.
 """
@@ -290,7 +291,7 @@ SHARED_SETTINGS = ("model", "tiny", "data", "steps", "warmup_steps", "repeats", 
 
 
 def check_combinable(runs: list[dict], names: list[str]) -> None:
-    """Several results go into one README block only as scaling runs of different max lengths,
+    """Several results go into one page block only as scaling runs of different max lengths,
     on the same device with the same settings: one table, each ratio still within one run."""
     if len(runs) < 2:
         return
@@ -345,7 +346,7 @@ def combined_scaling(runs: list[dict]) -> list[str]:
     return [*lines, "", settings_line(runs[0]), "", *render_scaling(merged)]
 
 
-def readme_body(runs: list[dict]) -> str:
+def block_body(runs: list[dict]) -> str:
     if len(runs) > 1:
         return "\n".join(combined_scaling(runs))
     data = runs[0]
@@ -359,15 +360,17 @@ def readme_body(runs: list[dict]) -> str:
     )
 
 
-def update_readme(readme: Path, *runs: dict) -> None:
-    """Replace the README's block for this kind of results with tables rendered from `runs`
-    (one results JSON, or scaling runs of different lengths that `check_combinable` passed)."""
+def update_page(page: Path, *runs: dict) -> None:
+    """Replace the page's block for this kind of results (docs/benchmark.md's
+    `<!-- bench:KIND:start -->` … `<!-- bench:KIND:end -->`) with tables rendered from `runs`
+    (one results JSON, or scaling runs of different lengths that `check_combinable` passed).
+    Everything outside the block is left as it was."""
     kind = runs[0]["kind"]
     start, end = f"<!-- bench:{kind}:start -->", f"<!-- bench:{kind}:end -->"
-    text = readme.read_text(encoding="utf-8")
+    text = page.read_text(encoding="utf-8")
     if start not in text or end not in text:
-        raise SystemExit(f"{readme} has no {start} … {end} block to regenerate")
-    body = readme_body(list(runs))
+        raise SystemExit(f"{page} has no {start} … {end} block to regenerate")
+    body = block_body(list(runs))
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
     new = pattern.sub(lambda _: f"{start}\n{body}\n{end}", text)
-    write_atomic(readme, new)
+    write_atomic(page, new)

@@ -3,8 +3,8 @@ recipe, side by side, each with gradient checkpointing off and on.
 
     python bench/run.py [--model DIR | --config qwen2.5-0.5b | --tiny] [--steps 16] [--repeats 1]
     python bench/run.py --lengths 256,512,1024,2048 [--steps 6]    # sequence-length scaling
-    python bench/run.py --render bench/results/X.json [--readme]     # re-render from a JSON
-    python bench/run.py --render A.json B.json --readme    # scaling runs of other lengths, one table
+    python bench/run.py --render bench/results/X.json [--docs]       # re-render from a JSON
+    python bench/run.py --render A.json B.json --docs      # scaling runs of other lengths, one table
 
 Every contender runs in a fresh process (bench/contender.py) for the same optimizer steps on
 the same rows, model, seed, r=8, α=16, q/v targets, lr, batch 4, accumulation 2, max length
@@ -12,7 +12,7 @@ the same rows, model, seed, r=8, α=16, q/v targets, lr, batch 4, accumulation 2
 min–max come from the steady state. Ratios compare ours with another contender at the same
 gradient-checkpointing setting only. Ours also gets a memory breakdown (bench/memory.py).
 Writes bench/results/<device>-<date>.{json,md} (…-scaling-… for --lengths) and prints the
-table; --readme rewrites README.md's benchmark table from the JSON.
+table; --docs (old name --readme) rewrites the tables of docs/benchmark.md from the JSON.
 Defaults: the real Qwen2.5-Coder-0.5B-Instruct from ../shared/tools/get_real_qwen.sh, rows from
 ../shared/data/zhongjing_huatuo26m_test/huatuo26M_test.json.
 """
@@ -43,11 +43,12 @@ from report import (  # noqa: E402
     check_combinable,
     read_results,
     render_results,
-    update_readme,
+    update_page,
     write_atomic,
 )
 
 SHARED = ROOT.parent / "shared"
+BENCHMARK_PAGE = "docs/benchmark.md"  # under ROOT: the page whose bench:KIND blocks --docs rewrites
 REAL_MODEL = Path.home() / ".cache/qwen-real/Qwen2.5-Coder-0.5B-Instruct"
 DEFAULT_DATA = SHARED / "data/zhongjing_huatuo26m_test/huatuo26M_test.json"
 TOKENIZER = SHARED / "models/qwen2.5-tokenizer"
@@ -131,7 +132,7 @@ def build_tiny_model(workdir: Path) -> Path:
 
 def read_rows(args):
     """The data file's samples, shuffled by the seed: (train samples, held-out samples)."""
-    from lora.data import read_dataset
+    from lora.data.records import read_dataset
 
     samples, _ = read_dataset(args.data)
     random.Random(args.seed).shuffle(samples)
@@ -150,8 +151,8 @@ def long_samples(samples, tokenizer, fmt, length: int):
     The answers are real text (so tokenization is realistic) and the row stays one
     prompt/completion pair, which every contender supervises the same way.
     """
-    from lora.data import Sample, Turn
-    from lora.prompt import encode_sample
+    from lora.data.prompt import encode_sample
+    from lora.data.records import Sample, Turn
 
     out = []
     for i, s in enumerate(samples):
@@ -190,8 +191,8 @@ def write_alpaca(samples, path: Path) -> None:
 
 def build_spec(args, train, heldout, workdir: Path, max_len: int) -> dict:
     """Everything a contender process needs, written once and read by all of them."""
+    from lora.data.prompt import PromptFormat, encode_sample
     from lora.model import load_tokenizer
-    from lora.prompt import PromptFormat, encode_sample
 
     tokenizer = load_tokenizer(args.model)
     fmt = PromptFormat("chat")
@@ -315,7 +316,7 @@ def code_version() -> str:
     head = git("rev-parse", "--short", "HEAD")
     if head.returncode != 0:
         return "unknown (not a git checkout)"
-    # What runs, not what runs write: results and the README table change during `make bench`.
+    # What runs, not what runs write: results and the benchmark page change during `make bench`.
     code = ["lora", "bench", "train.py", ":(exclude)bench/results"]
     changed = git("status", "--porcelain", "--untracked-files=no", "--", *code)
     return head.stdout.strip() + ("+changes" if changed.stdout.strip() else "")
@@ -377,11 +378,16 @@ def parse_args(argv):
         nargs="+",
         default=None,
         metavar="JSON",
-        help="re-render the Markdown of results JSONs (with --readme, several scaling runs of "
+        help="re-render the Markdown of results JSONs (with --docs, several scaling runs of "
         "different max lengths make one table)",
     )
     p.add_argument(
-        "--readme", action="store_true", help="also rewrite README.md's table from the results"
+        "--docs",
+        "--readme",
+        dest="docs",
+        action="store_true",
+        help=f"also rewrite the tables of {BENCHMARK_PAGE} from the results (--readme: the old "
+        "name, when they lived in README.md)",
     )
     return p.parse_args(argv)
 
@@ -427,8 +433,8 @@ def measure_main(args, workdir, gc_settings, peak) -> dict:
 
 
 def measure_scaling(args, workdir, gc_settings) -> dict:
+    from lora.data.prompt import PromptFormat
     from lora.model import load_tokenizer
-    from lora.prompt import PromptFormat
 
     train, heldout = read_rows(args)
     heldout = heldout[: min(args.heldout, 4)]  # held-out forward passes at 2048 tokens are slow
@@ -452,18 +458,18 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.render:
         runs = [read_results(path) for path in args.render]
-        if args.readme:
+        if args.docs:
             check_combinable(runs, args.render)
         for path, data in zip(args.render, runs, strict=True):
             markdown = render_results(data)
             write_atomic(Path(path).with_suffix(".md"), markdown)
             print(markdown)
-        if args.readme:
-            update_readme(ROOT / "README.md", *runs)
+        if args.docs:
+            update_page(ROOT / BENCHMARK_PAGE, *runs)
         return 0
-    if args.tiny and args.readme:
+    if args.tiny and args.docs:
         raise SystemExit(
-            "--tiny numbers mean nothing: they never go into README.md (drop --readme)"
+            f"--tiny numbers mean nothing: they never go into {BENCHMARK_PAGE} (drop --docs)"
         )
     workdir = Path(tempfile.mkdtemp(prefix="lora-bench-"))
     resolve_model(args, workdir)
@@ -516,8 +522,8 @@ def main(argv=None) -> int:
     stem = out / f"{device_name}{kind}{'-tiny' if args.tiny else ''}-{date}"
     for suffix, text in ((".json", json.dumps(data, indent=2)), (".md", markdown)):
         write_atomic(stem.with_suffix(suffix), text)
-    if args.readme:
-        update_readme(ROOT / "README.md", data)
+    if args.docs:
+        update_page(ROOT / BENCHMARK_PAGE, data)
     print(f"written {stem}.md and .json")
     return 0
 

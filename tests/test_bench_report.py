@@ -1,5 +1,6 @@
 """The benchmark's arithmetic and reports: steady-state timing, like-with-like ratios, and the
-README table regenerated from a results JSON (bench/run.py, bench/report.py; nothing timed)."""
+tables of docs/benchmark.md regenerated from a results JSON, the README's summary held to them
+(bench/run.py, bench/report.py; nothing timed)."""
 
 import json
 import re
@@ -8,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
 sys.path.insert(0, str(BENCH))
 
 import report  # noqa: E402
@@ -164,23 +166,89 @@ def test_render_of_a_missing_or_broken_results_file_is_a_one_line_error(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.json"]  # nothing written
 
 
-def test_readme_block_is_regenerated_from_the_json_and_nothing_else_changes(tmp_path):
-    readme = tmp_path / "README.md"
-    readme.write_text(
-        "before\n<!-- bench:main:start -->\nold 64.8\n<!-- bench:main:end -->\nafter\n"
-    )
-    report.update_readme(readme, results_json())
-    text = readme.read_text()
+def test_the_page_block_is_regenerated_from_the_json_and_nothing_else_changes(tmp_path):
+    page = tmp_path / "benchmark.md"
+    page.write_text("before\n<!-- bench:main:start -->\nold 64.8\n<!-- bench:main:end -->\nafter\n")
+    report.update_page(page, results_json())
+    text = page.read_text()
     assert text.startswith("before\n<!-- bench:main:start -->\nLatest run: cpu-2cores")
     assert "old 64.8" not in text and "| ours, grad ckpt off | 90.0 |" in text
     assert text.endswith("<!-- bench:main:end -->\nafter\n")
 
 
-def test_readme_without_the_markers_is_a_clear_error(tmp_path):
-    readme = tmp_path / "README.md"
-    readme.write_text("no markers\n")
+def test_a_page_without_the_markers_is_a_clear_error(tmp_path):
+    page = tmp_path / "benchmark.md"
+    page.write_text("no markers\n")
     with pytest.raises(SystemExit, match="no <!-- bench:main:start -->"):
-        report.update_readme(readme, results_json())
+        report.update_page(page, results_json())
+    assert page.read_text() == "no markers\n"
+
+
+def fake_checkout(tmp_path, monkeypatch):
+    """A README and a benchmark page, both with a main block, under a stand-in for the repo."""
+    monkeypatch.setattr(run, "ROOT", tmp_path)
+    block = "<!-- bench:main:start -->\nold 64.8\n<!-- bench:main:end -->\n"
+    (tmp_path / "docs").mkdir()
+    for name in ("README.md", "docs/benchmark.md"):
+        (tmp_path / name).write_text(f"# {name}\n{block}", encoding="utf-8")
+    results = tmp_path / "main.json"
+    results.write_text(json.dumps(results_json()), encoding="utf-8")
+    return results
+
+
+@pytest.mark.parametrize("flag", ["--docs", "--readme"])
+def test_docs_flag_rewrites_the_benchmark_page_and_never_the_readme(tmp_path, monkeypatch, flag):
+    results = fake_checkout(tmp_path, monkeypatch)
+    readme_before = (tmp_path / "README.md").read_text(encoding="utf-8")
+    assert run.main(["--render", str(results), flag]) == 0
+    page = (tmp_path / "docs/benchmark.md").read_text(encoding="utf-8")
+    assert "old 64.8" not in page and "| ours, grad ckpt off | 90.0 |" in page
+    assert (tmp_path / "README.md").read_text(encoding="utf-8") == readme_before
+
+
+def test_without_the_docs_flag_the_benchmark_page_is_left_alone(tmp_path, monkeypatch):
+    results = fake_checkout(tmp_path, monkeypatch)
+    assert run.main(["--render", str(results)]) == 0
+    assert "old 64.8" in (tmp_path / "docs/benchmark.md").read_text(encoding="utf-8")
+    assert (tmp_path / "main.md").is_file()  # the results' own Markdown is still rendered
+
+
+def test_the_benchmark_blocks_live_on_the_benchmark_page_not_in_the_readme():
+    page = (ROOT / run.BENCHMARK_PAGE).read_text(encoding="utf-8")
+    for kind in ("main", "scaling"):
+        assert f"<!-- bench:{kind}:start -->" in page and f"<!-- bench:{kind}:end -->" in page
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "<!-- bench:" not in readme
+    assert "(docs/benchmark.md)" in readme  # the README's short table links to the page
+
+
+def generated_ratios(page: str) -> dict:
+    """{(contender, "off"/"on"): (tokens/s, peak memory, held-out loss)} from the main block."""
+    block = page.split("<!-- bench:main:start -->")[1].split("<!-- bench:main:end -->")[0]
+    pattern = (r"^- ours/([\w-]+), grad ckpt (off|on): real tokens/s \*\*([\d.]+)×\*\*, "
+               r"peak memory \*\*([\d.]+)×\*\*, held-out loss ([\d.]+)×$")  # fmt: skip
+    return {(m[1], m[2]): m.group(3, 4, 5) for m in re.finditer(pattern, block, re.M)}
+
+
+def test_the_readmes_short_benchmark_table_repeats_the_generated_numbers():
+    generated = generated_ratios((ROOT / run.BENCHMARK_PAGE).read_text(encoding="utf-8"))
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Benchmark\n")[1].split("\n## ")[0]
+    names = {"TRL": "trl", "peft": "peft-trainer", "tutorial": "tutorial"}
+    seen = set()
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        label = [key for word, key in names.items() if word in cells[0]]
+        if not line.startswith("|") or not label:
+            continue
+        # Each figure cell is "off / on", as bold or plain ratios.
+        columns = [c.replace("*", "").replace("×", "").split(" / ") for c in cells[1:4]]
+        for i, setting in enumerate(("off", "on")):
+            key = (label[0], setting)
+            assert key in generated, f"README names {key}, the generated table does not"
+            assert tuple(col[i] for col in columns) == generated[key], key
+            seen.add(key)
+    assert seen == set(generated), set(generated) - seen
 
 
 def scaling_json(lengths, command, peak=2.0e11, steps=16):
@@ -201,14 +269,14 @@ def scaling_json(lengths, command, peak=2.0e11, steps=16):
     return data
 
 
-def test_scaling_runs_of_different_lengths_make_one_readme_table_in_length_order(tmp_path):
-    readme = tmp_path / "README.md"
-    readme.write_text("<!-- bench:scaling:start -->\nold\n<!-- bench:scaling:end -->\n")
+def test_scaling_runs_of_different_lengths_make_one_table_in_length_order(tmp_path):
+    page = tmp_path / "benchmark.md"
+    page.write_text("<!-- bench:scaling:start -->\nold\n<!-- bench:scaling:end -->\n")
     long = scaling_json("2048,1024", "python bench/run.py --lengths 2048,1024", peak=2.56e11)
     short = scaling_json("256,512", "python bench/run.py --lengths 256,512", peak=2.32e11)
     report.check_combinable([long, short], ["long.json", "short.json"])
-    report.update_readme(readme, long, short)
-    text = readme.read_text()
+    report.update_page(page, long, short)
+    text = page.read_text()
     # Each run is named with its own command and machine speed, the shorter lengths first...
     assert text.index("--lengths 256,512`") < text.index("--lengths 2048,1024`")
     assert "232 GFLOP/s" in text and "256 GFLOP/s" in text
@@ -225,7 +293,7 @@ def test_scaling_runs_of_different_lengths_make_one_readme_table_in_length_order
 
 
 def test_only_like_scaling_runs_of_disjoint_lengths_combine(tmp_path, monkeypatch):
-    monkeypatch.setattr(run, "ROOT", tmp_path)  # --readme would write tmp_path/README.md
+    monkeypatch.setattr(run, "ROOT", tmp_path)  # --docs would write tmp_path/docs/benchmark.md
     a = scaling_json("256,512", "python bench/run.py --lengths 256,512")
     unlike = {
         "differ in steps (16 vs 4)": scaling_json("1024", "c", steps=4),
@@ -239,7 +307,7 @@ def test_only_like_scaling_runs_of_disjoint_lengths_combine(tmp_path, monkeypatc
             paths.append(str(tmp_path / name))
         with pytest.raises(SystemExit, match=re.escape(message.replace("a.json", paths[0])
                                                        .replace("b.json", paths[1]))):  # fmt: skip
-            run.main(["--render", *paths, "--readme"])
+            run.main(["--render", *paths, "--docs"])
         assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json"]  # nothing written
 
 
