@@ -13,10 +13,11 @@ import argparse
 import json
 import math
 import re
+import signal
 import sys
 from pathlib import Path
 
-from lora.errors import UserError, os_error_line
+from lora.errors import Terminated, UserError, os_error_line, raise_terminated
 from lora.infer.options import add_infer_flags
 
 
@@ -97,7 +98,7 @@ def check_combinations(args) -> None:
             )
         metric_libraries()  # a missing metric library is reported before the model loads
     if args.export_gguf:  # refuse a bad output path before writing anything
-        from lora.export.gguf import check_output_path
+        from lora.export.output import check_output_path
 
         check_output_path(args.export_gguf)
 
@@ -221,11 +222,20 @@ def answer_and_score(loaded, questions, settings, args) -> None:
         print(f"answers written to {output}", file=sys.stderr)
     if args.score:
         report = score(loaded, questions, records, args.compare, args.batch_size)
-        path = (output.parent if output else Path(args.adapter)) / "score.json"
+        path = score_path(output, args.adapter)
         text = json.dumps(report, indent=2, ensure_ascii=False) + "\n"
         atomic_write_bytes(path, text.encode())
         print(format_report(report), file=sys.stderr)
         print(f"scores written to {path}", file=sys.stderr)
+
+
+def score_path(output: Path | None, adapter) -> Path:
+    """Where --score writes its report: named after --output (answers.jsonl ->
+    answers.score.json), so scoring two adapters into one directory keeps both; without
+    --output, score.json in the adapter's directory."""
+    if output is None:
+        return Path(adapter) / "score.json"
+    return output.with_name(f"{output.stem}.score.json")
 
 
 def chat(loaded, settings) -> None:
@@ -265,6 +275,7 @@ def chat(loaded, settings) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, raise_terminated)  # exports clean up on the way out
     try:
         return run(args)
     except UserError as e:
@@ -274,7 +285,13 @@ def main(argv=None) -> int:
         print(f"error: {os_error_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        print("interrupted: nothing half-written was left", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated (SIGTERM): nothing half-written was left", file=sys.stderr)
+        return 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -28,5 +28,15 @@ class UserError(Exception):
     """A problem with the user's input (flags, files, model, data) that they can fix."""
 
 
+class Terminated(BaseException):
+    """SIGTERM as an exception, as Ctrl-C is KeyboardInterrupt: `finally` blocks then remove
+    what an export was writing before the process exits (infer.py: status 143 = 128 + 15)."""
+
+
+def raise_terminated(signum, frame):
+    """A SIGTERM handler: `signal.signal(signal.SIGTERM, raise_terminated)`."""
+    raise Terminated
+
+
 class TrainingInterrupted(Exception):
     """Raised after a checkpoint was saved because of Ctrl-C/SIGTERM; carries its path."""

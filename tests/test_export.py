@@ -9,15 +9,17 @@ weights N(0, 1.5/sqrt(fan_in))) and get an adapter with a random, non-zero B.
 import json
 import os
 import re
+import signal
+import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import real_tokenizer, redraw
+from conftest import ROOT, real_tokenizer, redraw
 from infer import main as infer_main
-from lora.adapter import ADAPTER_CONFIG, save_adapter
+from lora.adapter import ADAPTER_CONFIG, current_umask, save_adapter
 from lora.data.prompt import PromptFormat, prompt_text, stop_token_ids
 from lora.data.records import Sample, Turn
 from lora.errors import UserError
@@ -507,8 +509,8 @@ def test_bad_inputs_are_one_clear_line_and_leave_nothing(
     (unknown_base / ADAPTER_CONFIG).write_text(json.dumps(config))
     cases = [
         (
-            ["--adapter", str(adapter), "--export-gguf", str(tmp_path / "missing" / "m.gguf")],
-            "does not exist",
+            ["--adapter", str(adapter), "--export-gguf", str(tmp_path / "a-file" / "m.gguf")],
+            "is a file, not a directory",
         ),
         (["--adapter", str(adapter), "--export-gguf", str(out)], "is a directory"),
         (
@@ -533,6 +535,7 @@ def test_bad_inputs_are_one_clear_line_and_leave_nothing(
             "is a directory",
         )
     )
+    (tmp_path / "a-file").write_text("")
     readonly = tmp_path / "readonly"
     readonly.mkdir()
     readonly.chmod(0o555)
@@ -595,3 +598,74 @@ def test_a_tokenizer_without_chat_template_exports_the_plain_prompt(tiny_models)
         as_messages([("问题", "")]), tokenize=False, add_generation_prompt=True
     )
     assert got == "Instruction: 问题\nAnswer:\n" == prompt_text(sample, PromptFormat("plain"), tok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Exports as files a server can use: whole or absent, readable, where the user said
+
+
+def test_exports_create_their_directory_and_are_readable_by_other_users(parity, tmp_path, capsys):
+    adapter, _, _ = parity["qwen2"]
+    gguf_path, merged = tmp_path / "dist" / "sub" / "m.gguf", tmp_path / "serve" / "merged"
+    code, _, err = infer(capsys, "--adapter", str(adapter), "--export-gguf", str(gguf_path),
+                         "--export", str(merged))  # fmt: skip
+    assert code == 0, err
+    expected = 0o666 & ~current_umask()
+    for f in [gguf_path, gguf_path.parent / "Modelfile", *merged.iterdir()]:
+        assert f.stat().st_mode & 0o777 == expected, f
+
+
+SLOW_RENAME = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+real = {{"rename": os.rename, "replace": os.replace}}
+def slow(name):
+    def call(src, dst, *a, **k):
+        if ".tmp-" in os.fspath(src):  # an export moving its temporary into place
+            print("renaming", flush=True)
+            time.sleep(120)
+        return real[name](src, dst, *a, **k)
+    return call
+os.rename, os.replace = slow("rename"), slow("replace")
+import infer
+sys.exit(infer.main({argv!r}))
+"""
+
+
+def export_in_a_subprocess(argv):
+    """infer.py with its final rename slowed down, so that a signal lands inside the write."""
+    code = SLOW_RENAME.format(root=str(ROOT), argv=argv)
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    for line in proc.stdout:
+        if line.strip() == "renaming":
+            return proc
+    raise AssertionError(proc.stderr.read())
+
+
+@pytest.mark.parametrize("flag", ["--export", "--export-gguf"])
+@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_mid_export_exits_cleanly_and_leaves_no_temporary(
+    parity, tmp_path, flag, sig, status
+):
+    adapter, _, _ = parity["qwen2"]
+    target = tmp_path / ("merged" if flag == "--export" else "m.gguf")
+    proc = export_in_a_subprocess(["--adapter", str(adapter), flag, str(target)])
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == status and "Traceback" not in err, err
+    assert [p.name for p in tmp_path.iterdir() if p.name != "Modelfile"] == []
+
+
+@pytest.mark.parametrize("flag", ["--export", "--export-gguf"])
+def test_a_killed_exports_temporary_is_removed_by_the_next_export(parity, tmp_path, capsys, flag):
+    adapter, _, _ = parity["qwen2"]
+    target = tmp_path / ("merged" if flag == "--export" else "m.gguf")
+    proc = export_in_a_subprocess(["--adapter", str(adapter), flag, str(target)])
+    proc.kill()  # SIGKILL: nothing can clean up
+    proc.wait()
+    stale = [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    assert len(stale) == 1  # what the audit found left behind forever
+    code, _, err = infer(capsys, "--adapter", str(adapter), flag, str(target))
+    assert code == 0, err
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []

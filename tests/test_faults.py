@@ -304,7 +304,7 @@ def test_non_finite_adapters_are_refused_naming_the_tensor(adapter_dir, tmp_path
     assert not (tmp_path / "merged" / "model.safetensors").exists()
 
 
-def test_damaged_newest_checkpoint_falls_back_and_leftovers_are_cleaned(
+def test_damaged_newest_checkpoint_is_set_aside_and_only_our_temporaries_are_removed(
     qwen2_dir, data, tmp_path, capsys
 ):
     out = tmp_path / "out"
@@ -313,15 +313,73 @@ def test_damaged_newest_checkpoint_falls_back_and_leftovers_are_cleaned(
     (out / "checkpoint-2" / "training_state.pt").write_bytes(b"")  # a power loss
     (out / ".tmp-checkpoint-3").mkdir()  # a kill mid-save
     (out / ".adapter_model.safetensors.x1y2.tmp").write_bytes(b"half")  # a kill mid-write
-    half_deleted = out / "checkpoint-0"  # a kill while pruning
-    half_deleted.mkdir()
-    (half_deleted / "trainer_state.json").write_text("{}")
+    (out / ".pruned-checkpoint-0").mkdir()  # a kill while pruning (renamed, then deleted)
     result = train(cfg(qwen2_dir, data, out, resume="auto", **common))
     stdout = capsys.readouterr().out
     assert result.steps == 3 and "skipping damaged checkpoint" in stdout
+    assert "set the damaged checkpoint-2 aside as checkpoint-2.damaged" in stdout
     assert "resumed from" in stdout and "checkpoint-1 at step 1" in stdout
-    assert sorted(p.name for p in out.iterdir() if p.name.startswith((".tmp", ".adapter"))) == []
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".train.lock"]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == [
+        "checkpoint-2", "checkpoint-2.damaged", "checkpoint-3"
+    ]  # fmt: skip
+    assert (out / "checkpoint-2.damaged" / ADAPTER_WEIGHTS).is_file()  # kept for the user
+
+
+def test_a_checkpoint_missing_one_small_file_is_not_deleted(qwen2_dir, data, tmp_path, capsys):
+    out = tmp_path / "out"
+    common = dict(max_steps=6, save_every=2, keep_last=3)
+    train(cfg(qwen2_dir, data, out, stop_after_steps=4, **common))
+    (out / "checkpoint-4" / "adapter_config.json").unlink()
+    weights = (out / "checkpoint-4" / ADAPTER_WEIGHTS).read_bytes()
+    result = train(cfg(qwen2_dir, data, out, resume="auto", **common))
+    stdout = capsys.readouterr().out
+    assert result.steps == 6 and "checkpoint-2 at step 2" in stdout
+    assert "removed" not in stdout and "adapter_config.json missing" in stdout
+    assert (out / "checkpoint-4.damaged" / ADAPTER_WEIGHTS).read_bytes() == weights
+    assert (out / "checkpoint-4.damaged" / "training_state.pt").is_file()
+
+
+@pytest.mark.parametrize("rng", ["missing", "empty"])
+def test_a_checkpoint_without_its_random_state_is_not_resumed_inexactly(
+    qwen2_dir, data, tmp_path, capsys, rng
+):
+    common = dict(max_steps=6, save_every=2, keep_last=3, dropout=0.1)
+    straight = train(cfg(qwen2_dir, data, tmp_path / "straight", **common))
+    out = tmp_path / "out"
+    train(cfg(qwen2_dir, data, out, stop_after_steps=4, **common))
+    rng_file = out / "checkpoint-4" / "rng_state_rank0.pt"
+    rng_file.unlink() if rng == "missing" else rng_file.write_bytes(b"")
+    train(cfg(qwen2_dir, data, out, resume="auto", **common))
+    stdout = capsys.readouterr().out
+    assert "skipping damaged checkpoint" in stdout and "rng_state_rank0.pt" in stdout
+    assert "checkpoint-2 at step 2" in stdout  # the older one: the adapter is the straight run's
+    a, b = load_file(straight.output / ADAPTER_WEIGHTS), load_file(out / ADAPTER_WEIGHTS)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(UserError, match="rng_state_rank0.pt"):  # named explicitly: refused
+        train(cfg(qwen2_dir, data, tmp_path / "x", resume=str(out / "checkpoint-4.damaged"),
+                  **common))  # fmt: skip
+
+
+@pytest.mark.parametrize("bookkeeping", ["corrupt", "deleted", "unfinished"])
+def test_a_finished_adapter_is_never_trained_over_without_overwrite(
+    qwen2_dir, data, tmp_path, bookkeeping
+):
+    out = tmp_path / "out"
+    train(cfg(qwen2_dir, data, out, max_steps=2))
+    args_file = out / "train_args.json"
+    if bookkeeping == "corrupt":
+        args_file.write_text("{")
+    elif bookkeeping == "deleted":
+        args_file.unlink()
+    else:
+        args_file.write_text(args_file.read_text().replace('"finished": true', '"finished": false'))
+    weights = (out / ADAPTER_WEIGHTS).read_bytes()
+    for resume in (None, "auto"):
+        with pytest.raises(UserError, match="holds an adapter.*--overwrite"):
+            train(cfg(qwen2_dir, data, out, max_steps=2, resume=resume))
+    assert (out / ADAPTER_WEIGHTS).read_bytes() == weights
+    assert train(cfg(qwen2_dir, data, out, max_steps=2, overwrite=True)).steps == 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,3 +481,18 @@ def test_resume_auto_with_only_damaged_checkpoints_refuses_to_start_over_silentl
         (damaged / name).write_bytes(b"")
     with pytest.raises(UserError, match="no checkpoint is intact.*checkpoint-4.*--overwrite"):
         plan_run_dir(tmp_path, TrainConfig(resume="auto"))
+
+
+def test_scoring_two_adapters_into_one_directory_keeps_both_reports(
+    qwen2_dir, data, tmp_path, capsys
+):
+    reports = tmp_path / "reports"
+    for name in ("a", "b"):
+        out = tmp_path / name
+        train(cfg(qwen2_dir, data, out, max_steps=1, lr=1e-2 if name == "a" else 5e-2))
+        code = infer.main(["--adapter", str(out), "--file", str(data), "--score",
+                           "--max-new-tokens", "2", "--output", str(reports / f"{name}.jsonl")])  # fmt: skip
+        assert code == 0
+        assert f"scores written to {reports / f'{name}.score.json'}" in capsys.readouterr().err
+    a, b = (json.loads((reports / f"{n}.score.json").read_text()) for n in ("a", "b"))
+    assert a != b and not (reports / "score.json").exists()

@@ -101,7 +101,9 @@ def test_cli_score_writes_score_json_for_both_models(trained_with_val, tmp_path)
                         "--score", "--compare", "--output", str(out), "--max-new-tokens", "12"],
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)  # fmt: skip
     assert p.returncode == 0, p.stderr
-    report = json.loads((tmp_path / "score.json").read_text(encoding="utf-8"))
+    report = json.loads(
+        (tmp_path / "a.score.json").read_text(encoding="utf-8")
+    )  # named after --output
     assert report["rows"] == 6 and report["rows_without_reference"] == 1
     tuned, base = report["fine_tuned"], report["base"]
     # Training lowered the loss on these rows: the adapter explains the references better.

@@ -55,6 +55,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from .output import check_output_path, readable_as_usual, remove_stale_temporaries, temporary_prefix
 
 SUPPORTED_ARCHS = ("qwen2", "qwen3")
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
@@ -72,19 +73,6 @@ def import_gguf():
     except ImportError:
         raise UserError("GGUF export needs the gguf package: pip install gguf") from None
     return gguf
-
-
-def check_output_path(path) -> Path:
-    """An output file's directory must exist and be writable: say so before the slow part."""
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise UserError(f"{path} is a directory; give a file name such as {path}/model.gguf")
-    if not parent.is_dir():
-        raise UserError(f"cannot write {path}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"cannot write {path}: directory {parent} is not writable")
-    return path
 
 
 def check_architecture(model_type: str | None) -> str:
@@ -200,7 +188,9 @@ def write_gguf(model, tokenizer, path, options: GGUFOptions | None = None, log=p
 
     tmp = w = None
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{temporary_prefix(path)}-")
         os.close(fd)
         w = gguf.GGUFWriter(tmp, arch_name)
         _add_model_metadata(w, gguf, model.config, o)
@@ -211,6 +201,7 @@ def write_gguf(model, tokenizer, path, options: GGUFOptions | None = None, log=p
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
+        readable_as_usual(Path(tmp))
         os.replace(tmp, path)
         tmp = None
     except OSError as e:

@@ -17,6 +17,7 @@ from ..adapter import base_model_of, load_adapter, read_adapter_config, read_ada
 from ..data.prompt import PromptFormat, stop_token_ids
 from ..inject import merge_lora, remove_lora
 from ..model import checkpoint_dtype, load_model, load_tokenizer
+from .output import readable_as_usual, remove_stale_temporaries, temporary_prefix
 from .serving import carry_prompt
 
 
@@ -68,11 +69,13 @@ def save_whole(model, tokenizer, out_dir: Path) -> Path:
     `os.replace`, so each file is the old one or the new one, never a part.
     """
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    remove_stale_temporaries(out_dir)  # a killed export's (output.py)
+    tmp = out_dir.parent / temporary_prefix(out_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        readable_as_usual(tmp)  # some writers make 0600 files; a server may run as another user
         if not out_dir.exists():
             os.rename(tmp, out_dir)
             return out_dir

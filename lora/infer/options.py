@@ -56,7 +56,9 @@ FLAG_GROUPS: dict[str, list[tuple[str, str, dict]]] = {
         flag(
             "--score",
             "with --file: score the answers against the file's own answers (reference NLL, "
-            "BLEU-4, ROUGE, answer health) into score.json; with --compare for the base model too",
+            "BLEU-4, ROUGE, answer health) into NAME.score.json beside --output NAME.jsonl "
+            "(without --output: score.json in the adapter's directory); with --compare for the "
+            "base model too",
             **SWITCH,
         ),
         flag("--compare", "show the base model's answer beside the fine-tuned one", **SWITCH),

@@ -50,7 +50,10 @@ from .sharding import load_sharded_optimizer, save_sharded_optimizer
 STATE_FILE = "training_state.pt"
 TRAINER_STATE = "trainer_state.json"
 SHARDED_OPTIMIZER = "optimizer"  # a torch.distributed.checkpoint directory (--shard fsdp)
-REQUIRED_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, STATE_FILE, TRAINER_STATE)
+# Without process 0's random state the resumed run would draw other dropout masks and batches:
+# it would train, but not as the uninterrupted run would have, so that file is required too.
+REQUIRED_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, STATE_FILE, TRAINER_STATE, "rng_state_rank0.pt")
+PRUNED_PREFIX = ".pruned-"  # a checkpoint being deleted: renamed first, so a kill mid-way is clear
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -164,8 +167,7 @@ def resume_checkpoint(run, path: Path) -> dict:
     run.scheduler.load_state_dict(opt_state["scheduler"])
     if run.scaler is not None and opt_state.get("scaler"):
         run.scaler.load_state_dict(opt_state["scaler"])
-    if rng is not None:
-        set_rng_state(rng)
+    set_rng_state(rng)
     return saved
 
 
@@ -173,9 +175,22 @@ def finalize_checkpoint(output_dir, step: int) -> Path:
     """Main process: make the checkpoint visible in one rename."""
     tmp, final = tmp_dir_for(output_dir, step), Path(output_dir) / f"checkpoint-{step}"
     if final.exists():  # the same step saved again (e.g. an interrupt right after a save)
-        shutil.rmtree(final)
+        delete_checkpoint(final)
     os.rename(tmp, final)
     return final
+
+
+def delete_checkpoint(path: Path) -> None:
+    """Rename, then delete: `rmtree` goes file by file, and a kill half-way must leave a name that
+    says "being deleted" (removed at the next start), not a `checkpoint-N` missing files."""
+    doomed = path.with_name(f"{PRUNED_PREFIX}{path.name}")
+    os.rename(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def step_of(path: Path) -> int:
+    """N of `checkpoint-N`."""
+    return int(_CKPT_RE.match(Path(path).name).group(1))
 
 
 def has_all_files(path: Path) -> bool:
@@ -195,11 +210,11 @@ def checkpoint_problem(path: Path) -> str | None:
         read_trainer_state(path)
         read_adapter_config(path)
         read_adapter_tensors(path)
-        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        state = _load(path / STATE_FILE, "cpu")
+        for rng_file in sorted(path.glob("rng_state_rank*.pt")):
+            _load(rng_file, "cpu")
     except UserError as e:
         return str(e)
-    except Exception as e:  # torch.load's errors for a truncated or garbled file vary
-        return f"{STATE_FILE} is unreadable ({type(e).__name__}: {e})"
     sharded = isinstance(state, dict) and state.get("optimizer", ...) is None
     if sharded and not (path / SHARDED_OPTIMIZER / ".metadata").is_file():
         return f"{SHARDED_OPTIMIZER}/.metadata missing (the sharded optimizer state)"
@@ -233,7 +248,7 @@ def list_checkpoints(output_dir) -> list[Path]:
 def prune_checkpoints(output_dir, keep_last: int) -> None:
     if keep_last and keep_last > 0:
         for old in list_checkpoints(output_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            delete_checkpoint(old)
 
 
 def read_trainer_state(ckpt: Path) -> dict:
@@ -251,9 +266,19 @@ def load_checkpoint_state(ckpt: Path, rank: int, map_location) -> tuple[dict, di
     ckpt = Path(ckpt)
     if not has_all_files(ckpt):
         raise UserError(f"{ckpt} is not a complete checkpoint")
-    state = torch.load(ckpt / STATE_FILE, map_location=map_location, weights_only=True)
+    state = _load(ckpt / STATE_FILE, map_location)
     rng_file = ckpt / f"rng_state_rank{rank}.pt"
-    rng = (
-        torch.load(rng_file, map_location="cpu", weights_only=True) if rng_file.is_file() else None
-    )
-    return state, rng
+    if not rng_file.is_file():  # saved by fewer processes than this run has
+        raise UserError(
+            f"cannot resume {ckpt} exactly: it has no {rng_file.name} (it was saved by fewer "
+            f"processes); resume with the process count it was saved with"
+        )
+    return state, _load(rng_file, "cpu")
+
+
+def _load(path: Path, map_location):
+    """`torch.load` of tensors and plain containers only; a damaged file is a UserError."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch.load's errors for an empty, truncated or garbled file vary
+        raise UserError(f"{path.name} is unreadable ({type(e).__name__}: {e})") from None

@@ -5,8 +5,11 @@
     empty or missing                 a fresh run
     a finished run                   an error, unless --overwrite (replace it) or
                                      --resume auto (nothing to do, unless --max-steps grew)
-    an unfinished run's checkpoints  an error, unless --resume auto (continue from the newest)
-                                     or --overwrite
+    an unfinished run's checkpoints  an error, unless --resume auto (continue from the newest
+                                     intact one) or --overwrite
+    an adapter, whatever             an error, unless --overwrite, or --resume auto with a
+    train_args.json says             checkpoint to continue from: a result is never replaced
+                                     because its bookkeeping file is missing or damaged
 
 `train_args.json` records every setting, the library versions, the data summary and, at the
 end, `"finished": true` with the final losses. Its `"args"` are a valid `--config` file.
@@ -14,8 +17,11 @@ end, `"finished": true` with the final losses. Its `"args"` are a valid `--confi
 One run at a time: `run_dir_lock` holds an exclusive `flock` on `out/.train.lock` for the whole
 run, so a second `train.py` on the same `--output` stops at once, naming the first one's PID.
 The kernel releases the lock when its process dies, however it dies: a lock left by a killed
-run never blocks. Holding the lock, we may also tidy what a killed run left behind (temporary
-files, half-written or half-deleted checkpoints): no other run can be writing them.
+run never blocks. Holding the lock, we may also tidy what a killed run left behind: only what
+carries one of our temporary names (`.NAME.*.tmp`, `.tmp-checkpoint-N`, `.pruned-checkpoint-N`)
+is deleted. A checkpoint that is damaged (a file missing or unreadable) is never deleted: when
+`--resume auto` has to pass it over, it is renamed `checkpoint-N.damaged` and the next older
+one is used.
 """
 
 from __future__ import annotations
@@ -90,6 +96,7 @@ class RunDirPlan:
     resume_from: Path | None = None
     finished_steps: int | None = None  # set when the directory holds a finished run to keep
     notes: list[str] = field(default_factory=list)  # warnings for the user (damaged checkpoints)
+    damaged: list[Path] = field(default_factory=list)  # newer than resume_from: set aside
 
 
 def plan_run_dir(out: Path, cfg) -> RunDirPlan:
@@ -101,7 +108,7 @@ def plan_run_dir(out: Path, cfg) -> RunDirPlan:
     args = read_train_args(out)
     finished = bool(args.get("finished"))
     done_steps = args.get("state", {}).get("step", 0)
-    checkpoints = ckpt.list_checkpoints(out)
+    checkpoints = ckpt.checkpoint_dirs(out)  # complete or not: each says a run was here
     if cfg.overwrite:
         return RunDirPlan()
     if cfg.resume and cfg.resume != "auto":
@@ -120,6 +127,11 @@ def plan_run_dir(out: Path, cfg) -> RunDirPlan:
                 f"{out}: no checkpoint is intact ({'; '.join(plan.notes)}); "
                 f"pass --overwrite to start the run over"
             )
+        if plan.resume_from is None and has_adapter(out):
+            raise UserError(unrecorded_result(out))
+        if plan.resume_from is not None:  # every newer one was passed over as damaged
+            newer = ckpt.step_of(plan.resume_from)
+            plan.damaged = [p for p in checkpoints if ckpt.step_of(p) > newer]
         if finished and plan.resume_from is None:
             raise UserError(
                 f"{out} holds a run finished at step {done_steps} with no checkpoint to continue "
@@ -136,7 +148,21 @@ def plan_run_dir(out: Path, cfg) -> RunDirPlan:
         raise UserError(
             f"{out} holds checkpoints of an unfinished run; pass --resume auto to continue it, or --overwrite"
         )
+    if has_adapter(out):
+        raise UserError(unrecorded_result(out))
     return RunDirPlan()
+
+
+def has_adapter(out: Path) -> bool:
+    return (out / ADAPTER_WEIGHTS).is_file()
+
+
+def unrecorded_result(out: Path) -> str:
+    return (
+        f"{out} holds an adapter ({ADAPTER_WEIGHTS}) but no record of a finished run "
+        f"({TRAIN_ARGS} is missing, unreadable or says unfinished) and no checkpoint to continue "
+        f"from; pass --overwrite to replace it, or choose another --output"
+    )
 
 
 def clean_run_dir(out: Path) -> None:
@@ -153,10 +179,10 @@ def clean_run_dir(out: Path) -> None:
 def remove_leftovers(out: Path) -> list[str]:
     """Delete what a killed run left half-done; returns the names removed (called under the lock).
 
-    Leftovers are temporary files of atomic writes (`.NAME.*.tmp`), temporary checkpoint
-    directories, and checkpoint directories that lack a file (a kill during pruning, whose
-    `rmtree` deletes file by file). None of them can be resumed from, and they would escape
-    --keep-last, which only counts complete checkpoints.
+    Only our temporary names: files of atomic writes (`.NAME.*.tmp`), checkpoints being written
+    (`.tmp-checkpoint-N`) and checkpoints being deleted (`.pruned-checkpoint-N`: pruning renames
+    a checkpoint before its file-by-file `rmtree`). A `checkpoint-N` is never deleted here, even
+    with a file missing: that is for `--resume auto` to judge and set aside.
     """
     if not out.is_dir():
         return []
@@ -165,11 +191,26 @@ def remove_leftovers(out: Path) -> list[str]:
         for p in d.glob(".*.tmp"):
             p.unlink(missing_ok=True)
             removed.append(str(p.relative_to(out)))
-    for p in [*out.glob(".tmp-checkpoint-*"), *ckpt.checkpoint_dirs(out)]:
-        if p.name.startswith(".tmp") or not ckpt.has_all_files(p):
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p.name)
+    for p in [*out.glob(".tmp-checkpoint-*"), *out.glob(f"{ckpt.PRUNED_PREFIX}*")]:
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p.name)
     return removed
+
+
+def set_aside(damaged: list[Path]) -> list[str]:
+    """Rename damaged checkpoints `checkpoint-N.damaged` (kept for the user, out of the way of
+    resuming and --keep-last); returns one message each."""
+    notes = []
+    for path in damaged:
+        target, n = path.with_name(f"{path.name}.damaged"), 1
+        while target.exists():
+            n += 1
+            target = path.with_name(f"{path.name}.damaged-{n}")
+        os.rename(path, target)
+        notes.append(
+            f"set the damaged {path.name} aside as {target.name}; resuming from an older one"
+        )
+    return notes
 
 
 def read_train_args(out: Path) -> dict:
@@ -219,6 +260,9 @@ def prepare_run_dir(out: Path, cfg, dist) -> RunDirPlan:
             print(f"removed what an interrupted run left half-written: {', '.join(removed)}")
     barrier()
     plan = plan_run_dir(out, cfg)
+    if dist.is_main:
+        plan.notes += set_aside(plan.damaged)
+    barrier()
     for note in plan.notes if dist.is_main else ():
         print(note)
     if plan.finished_steps is not None and dist.is_main:
