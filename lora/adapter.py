@@ -247,20 +247,27 @@ def check_adapter_config_types(config, path) -> None:
             raise UserError(f"{path}: {key!r} must be {what}, got {config[key]!r}")
 
 
-def check_finite(tensors: dict[str, torch.Tensor], path) -> None:
-    """Refuse NaN, Inf and absurd magnitudes, naming the first tensor that has them."""
+def weights_problem(tensors: dict[str, torch.Tensor]) -> str | None:
+    """What makes these adapter tensors unusable (dtype, NaN/Inf, absurd magnitude), naming the
+    first tensor concerned; None when they are fine. Reading and saving judge by this one rule."""
     for key, t in tensors.items():
         if not t.is_floating_point():
-            raise UserError(f"{path}: tensor {key} has dtype {t.dtype}, not floating point")
+            return f"tensor {key} has dtype {t.dtype}, not floating point"
         if not torch.isfinite(t).all():
-            raise UserError(
-                f"{path}: tensor {key} holds NaN or Inf values; the adapter is unusable"
-            )
+            return f"tensor {key} holds NaN or Inf values"
         if t.numel() and t.abs().max() > MAX_ABS_WEIGHT:
-            raise UserError(
-                f"{path}: tensor {key} holds values up to {float(t.abs().max()):.3g}, far beyond "
-                f"any trained LoRA weight; the file is damaged"
+            return (
+                f"tensor {key} holds values up to {float(t.abs().max()):.3g}, far beyond any "
+                f"trained LoRA weight (|w| <= {MAX_ABS_WEIGHT:g})"
             )
+    return None
+
+
+def check_finite(tensors: dict[str, torch.Tensor], path) -> None:
+    """Refuse a file whose tensors `weights_problem` rejects: the adapter is unusable."""
+    problem = weights_problem(tensors)
+    if problem:
+        raise UserError(f"{path}: {problem}; the adapter is damaged or unusable")
 
 
 def read_adapter_tensors(adapter_dir) -> dict[str, torch.Tensor]:

@@ -1,6 +1,7 @@
 """One source of settings: flags generated from TrainConfig, --config files, precedence."""
 
 import json
+import re
 import subprocess
 import sys
 from dataclasses import asdict, fields
@@ -115,3 +116,82 @@ def test_help_explains_several_data_files_trackers_and_early_stopping():
         "--early-stop EARLY_STOP stop after N validations without a lower validation loss",
     ]:
         assert needle in text, needle
+
+
+@pytest.mark.parametrize(
+    "settings, needle",
+    [
+        ({"grad_checkpointing": "no"}, "grad_checkpointing must be true or false, got 'no'"),
+        ({"dedup": "false"}, "dedup must be true or false, got 'false'"),
+        ({"rank": "8"}, "rank must be an integer, got '8'"),
+        ({"rank": 8.5}, "rank must be an integer, got 8.5"),
+        ({"lr": True}, "lr must be a number, got True"),
+        ({"targets": 3}, "targets must be a string, got 3"),
+    ],
+)
+def test_json_config_values_are_checked_against_each_settings_type(tmp_path, settings, needle):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(settings))
+    with pytest.raises(UserError, match=re.escape(needle)):
+        parse_config(["--config", str(path)])
+
+
+def test_yaml_booleans_are_yamls_own_words(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("grad_checkpointing: no\ndedup: yes\n")
+    cfg = parse_config(["--config", str(path)])
+    assert (cfg.grad_checkpointing, cfg.dedup) == (False, True)
+
+
+def test_trl_and_llama_factory_names_are_read_as_ours_and_said_once(tmp_path, capsys):
+    path = tmp_path / "llamafactory.yaml"
+    path.write_text(
+        "model_name_or_path: /models/qwen\nlearning_rate: 1.0e-4\nnum_train_epochs: 2.0\n"
+        "per_device_train_batch_size: 2\ngradient_accumulation_steps: 8\nlora_rank: 16\n"
+        "lora_alpha: 32\nlora_dropout: 0.1\nlora_target: all\ncutoff_len: 512\n"
+        "output_dir: saves/qwen\nwarmup_ratio: 0.1\nbf16: true\n"
+    )
+    cfg = parse_config(["--config", str(path)])
+    assert (cfg.model, cfg.lr, cfg.epochs, cfg.batch_size, cfg.grad_accum) == (
+        "/models/qwen",
+        1e-4,
+        2.0,
+        2,
+        8,
+    )
+    assert (cfg.rank, cfg.alpha, cfg.dropout, cfg.targets, cfg.max_len) == (
+        16,
+        32,
+        0.1,
+        "all-linear",
+        512,
+    )
+    assert (cfg.output, cfg.warmup, cfg.precision) == ("saves/qwen", 0.1, "bf16")
+    err = capsys.readouterr().err
+    assert err.count("learning_rate as lr") == 1 and "lora_target as targets" in err
+
+
+def test_trl_target_modules_list_and_a_clash_with_our_own_name(tmp_path):
+    path = tmp_path / "trl.json"
+    path.write_text(json.dumps({"target_modules": ["q_proj", "k_proj"], "max_seq_length": 256}))
+    assert parse_config(["--config", str(path)]).targets == "q_proj,k_proj"
+    path.write_text(json.dumps({"learning_rate": 1e-4, "lr": 2e-4}))
+    with pytest.raises(UserError, match="learning_rate and lr both set lr"):
+        parse_config(["--config", str(path)])
+
+
+def test_an_unknown_key_gets_a_suggestion(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("learning_rat: 1e-4\ngrad_acum: 2\n")
+    with pytest.raises(
+        UserError,
+        match=r"grad_acum \(did you mean grad_accum\?\), learning_rat \(did you mean lr\?\)",
+    ):
+        parse_config(["--config", str(path)])
+
+
+def test_help_matches_what_the_readme_says():
+    """--columns names every field it takes; a boolean shows one default, not two."""
+    text = build_parser().format_help()
+    assert "prompt, input, response, reasoning, system" in " ".join(text.split())
+    assert "(default: keep" not in text

@@ -496,3 +496,11 @@ def test_scoring_two_adapters_into_one_directory_keeps_both_reports(
         assert f"scores written to {reports / f'{name}.score.json'}" in capsys.readouterr().err
     a, b = (json.loads((reports / f"{n}.score.json").read_text()) for n in ("a", "b"))
     assert a != b and not (reports / "score.json").exists()
+
+
+def test_a_diverged_adapter_is_not_reported_as_a_success(qwen2_dir, data, tmp_path):
+    """Training judges the adapter it saves by the rule infer.py reads adapters by."""
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=r"training diverged.*far beyond.*--lr \(now 1e\+09\)"):
+        train(cfg(qwen2_dir, data, out, max_steps=2, lr=1e9))
+    assert not (out / ADAPTER_WEIGHTS).exists() and not finished(out)

@@ -42,6 +42,7 @@ from ..adapter import (
     read_adapter_config,
     read_adapter_tensors,
     save_adapter,
+    weights_problem,
 )
 from ..errors import UserError
 from .distributed import barrier
@@ -79,6 +80,13 @@ def save_run_adapter(run, out_dir: Path) -> None:
     """The run's adapter into `out_dir`, written by process 0. Every process must call this:
     under FSDP each holds shards of the LoRA weights, and gathering them is a collective."""
     tensors = adapter_state_dict(run.model)
+    problem = weights_problem(tensors)  # the rule infer.py reads adapters by (adapter.py)
+    if problem:
+        raise UserError(
+            f"training diverged: the adapter's {problem}, so it was not saved as the run's result "
+            f"(infer.py would refuse it). Lower --lr (now {run.cfg.lr:g}) or --max-grad-norm, then "
+            f"train again with --overwrite"
+        )
     if run.dist.is_main:
         save_adapter(run.model, out_dir, tensors=tensors, **run.adapter_meta)
 

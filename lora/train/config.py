@@ -13,8 +13,10 @@ This module imports neither torch nor transformers, so `train.py --help` answers
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import math
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -55,8 +57,9 @@ class TrainConfig:
     )
     columns: str | None = _opt(
         None,
-        "map other columns, e.g. prompt=Question,response=Complex_CoT+Response (fields: prompt, input, "
-        "response, system); for one of several files: b.csv:prompt=Q,response=A (';' between files)",
+        "map other columns, e.g. prompt=Question,response=Response,reasoning=Complex_CoT (fields: "
+        "prompt, input, response, reasoning, system); for one of several files: "
+        "b.csv:prompt=Q,response=A (';' between files)",
         "data",
     )
     template: str = _opt(
@@ -80,7 +83,7 @@ class TrainConfig:
         "data",
     )
     drop_cut_answers: bool = _opt(
-        False, "drop rows whose answer --max-len cuts (default: keep the part that fits)", "data"
+        False, "drop rows whose answer --max-len cuts (off: keep the part that fits)", "data"
     )
     cache: bool = _opt(
         True, "reuse tokenized data prepared before from the same file and settings", "data"
@@ -256,14 +259,86 @@ def read_config_file(path) -> dict:
         values = values["args"]  # a run's train_args.json: {"args": {...}, "finished": ..., ...}
     if not isinstance(values, dict):
         raise UserError(f"--config {path}: expected a mapping of settings (field: value)")
-    values = {k.replace("-", "_"): v for k, v in values.items()}
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
+    values = from_other_tools({k.replace("-", "_"): v for k, v in values.items()}, path)
+    known = {f.name: f for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - set(known))
     if unknown:
-        raise UserError(
-            f"--config {path}: unknown setting(s) {', '.join(unknown)}; see python train.py --help"
-        )
+        raise UserError(f"--config {path}: unknown setting(s) {', '.join(map(did_you_mean, unknown))}; "
+                        f"see python train.py --help")  # fmt: skip
+    problems = [p for k, v in values.items() if (p := _type_problem(known[k], v))]
+    if problems:
+        raise UserError(f"--config {path}: {'; '.join(problems)}")
     return values
+
+
+# Other tools' names for our settings (TRL / transformers' TrainingArguments, LLaMA-Factory, peft),
+# so a config written for them reads here. A value that needs translating has a function.
+ALIASES = {
+    "learning_rate": "lr", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum", "lora_rank": "rank", "lora_r": "rank", "r": "rank",
+    "lora_alpha": "alpha", "lora_dropout": "dropout", "lora_target": "targets",
+    "target_modules": "targets", "cutoff_len": "max_len", "max_seq_length": "max_len",
+    "max_length": "max_len", "output_dir": "output", "warmup_ratio": "warmup",
+    "warmup_steps": "warmup", "model_name_or_path": "model", "gradient_checkpointing": "grad_checkpointing",
+    "save_steps": "save_every", "eval_steps": "eval_every", "save_total_limit": "keep_last",
+    "use_rslora": "rslora", "use_dora": "dora", "resume_from_checkpoint": "resume",
+    "bf16": "precision", "fp16": "precision",
+}  # fmt: skip
+
+
+def _alias_value(key: str, value):
+    """Values whose meaning differs: `bf16: true` is our precision bf16, LLaMA-Factory's
+    `lora_target: all` our all-linear, a list of target modules our comma list."""
+    if key in ("bf16", "fp16"):
+        return key if value is True else None  # `bf16: false` asks for nothing
+    if key in ("lora_target", "target_modules"):
+        value = ",".join(value) if isinstance(value, list) else value
+        return "all-linear" if value in ("all", "all-linear") else value
+    return value
+
+
+def from_other_tools(values: dict, path) -> dict:
+    """Settings under other tools' names renamed to ours; said once, on stderr."""
+    renamed, out = [], {}
+    for key, value in values.items():
+        ours = ALIASES.get(key) if key not in {f.name for f in fields(TrainConfig)} else None
+        if ours is None:
+            out[key] = value
+            continue
+        value = _alias_value(key, value)
+        if value is None:
+            continue
+        if ours in out or ours in values:
+            raise UserError(f"--config {path}: {key} and {ours} both set {ours}; keep one")
+        out[ours] = value
+        renamed.append(f"{key} as {ours}")
+    if renamed:
+        print(f"--config {path}: read {', '.join(renamed)}", file=sys.stderr)
+    return out
+
+
+def did_you_mean(key: str) -> str:
+    names = [f.name for f in fields(TrainConfig)] + list(ALIASES)
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    return f"{key} (did you mean {ALIASES.get(close[0], close[0])}?)" if close else key
+
+
+def _type_problem(f, value) -> str | None:
+    """A config file's value against the field's type, strictly: YAML's `yes`/`no` are booleans
+    already, but a JSON "no" is a string, and reading it as true would invert the setting."""
+    if value is None and ("None" in f.type or f.default is None):
+        return None
+    kind = f.metadata.get("kind") or _flag_type(f).__name__
+    ok = {
+        "bool": isinstance(value, bool),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "number": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "str": isinstance(value, str),
+    }[kind]
+    words = {"bool": "true or false", "int": "an integer", "float": "a number",
+             "number": "a number", "str": "a string"}  # fmt: skip
+    return None if ok else f"{f.name} must be {words[kind]}, got {value!r}"
 
 
 MIN_MAX_LEN = 16  # a chat prompt's scaffolding alone takes a dozen tokens
