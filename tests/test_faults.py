@@ -504,3 +504,25 @@ def test_a_diverged_adapter_is_not_reported_as_a_success(qwen2_dir, data, tmp_pa
     with pytest.raises(UserError, match=r"training diverged.*far beyond.*--lr \(now 1e\+09\)"):
         train(cfg(qwen2_dir, data, out, max_steps=2, lr=1e9))
     assert not (out / ADAPTER_WEIGHTS).exists() and not finished(out)
+
+
+def test_the_encoding_advice_names_only_encodings_that_fit(tmp_path, capsys):
+    """A UTF-8 Chinese file with a stray byte early on: latin-1 would 'work' and train on mojibake."""
+    rows = [
+        {"instruction": f"问题{i}：头痛发热怎么办？", "output": "可以使用银翘解毒丸。"}
+        for i in range(20)
+    ]
+    raw = json.dumps(rows, ensure_ascii=False).encode("utf-8")
+    raw = raw[:5] + b"\xff" + raw[5:]  # damaged before any Chinese text
+    with pytest.raises(UserError) as e:
+        decode_bytes(raw, "x.json")
+    assert "latin-1" not in str(e.value) and "cp1252" not in str(e.value)
+    assert "iconv" in str(e.value)
+    text, _ = decode_bytes(raw, "x.json", encoding="latin-1")  # told to: reads, and warns
+    assert "mojibake" in capsys.readouterr().err and len(text) > 1.5 * len(
+        raw.decode("utf-8", "replace")
+    )
+    with pytest.raises(UserError, match="--encoding cp1252"):  # Latin text: a Latin encoding fits
+        decode_bytes(
+            b'[{"instruction": "\xff Write two r\xe9sum\xe9s", "output": "Done."}]', "y.json"
+        )
