@@ -526,3 +526,12 @@ def test_the_encoding_advice_names_only_encodings_that_fit(tmp_path, capsys):
         decode_bytes(
             b'[{"instruction": "\xff Write two r\xe9sum\xe9s", "output": "Done."}]', "y.json"
         )
+
+
+def test_an_absurd_data_weight_is_one_line_before_anything_allocates(tmp_path, capsys):
+    from lora.data.mixture import Mixture
+
+    code = train_cli.main(["--data", "data/chinese_med.json:1e9", "--output", str(tmp_path / "o")])
+    assert code == 2 and "<= 100" in capsys.readouterr().err
+    with pytest.raises(UserError, match="an epoch of 200,000,000 rows"):  # 2M rows × 100
+        Mixture([2_000_000], [100.0], seed=0)

@@ -30,6 +30,12 @@ import numpy as np
 
 from ..errors import UserError
 
+# Bounds on what a weight can mean. Upsampling repeats a row a few times; a row repeated
+# more than MAX_WEIGHT times per epoch is memorised, not learned from (and 1e9, a typo, would
+# ask numpy for hundreds of GiB of row indices). An epoch's row list is checked before it exists.
+MAX_WEIGHT = 100
+MAX_EPOCH_ROWS = 50_000_000  # 400 MB of int64 indices
+
 
 @dataclass(frozen=True)
 class DataSource:
@@ -56,10 +62,10 @@ def _weight(text: str, spec: str) -> float:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not (math.isfinite(value) and value > 0):
+    if not (math.isfinite(value) and 0 < value <= MAX_WEIGHT):
         raise UserError(
-            f"--data {spec}: the weight after ':' must be a number > 0 "
-            f"(e.g. b.jsonl:0.3 or b.jsonl:2), got {text!r}"
+            f"--data {spec}: the weight after ':' must be a number > 0 and <= {MAX_WEIGHT} "
+            f"(e.g. b.jsonl:0.3 or b.jsonl:2: rows per epoch per row), got {text!r}"
         )
     return value
 
@@ -98,6 +104,11 @@ class Mixture:
     def __init__(self, counts: list[int], weights: list[float], seed: int):
         self.counts, self.weights, self.seed = list(counts), list(weights), seed
         self.starts = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
+        if sum(self.per_epoch()) > MAX_EPOCH_ROWS:
+            raise UserError(
+                f"--data weights make an epoch of {sum(self.per_epoch()):,} rows (more than "
+                f"{MAX_EPOCH_ROWS:,}); lower the weights or use --max-steps"
+            )
 
     @property
     def plain(self) -> bool:
