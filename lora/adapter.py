@@ -358,13 +358,33 @@ def load_adapter(model: nn.Module, adapter_dir, dropout: float | None = None) ->
     for key, shape in expected.items():
         if tensors[key].shape != shape:
             raise UserError(
-                f"adapter {adapter_dir}: {key} has shape {tuple(tensors[key].shape)} but this model "
-                f"needs {tuple(shape)}; the adapter was trained on a base model of another size"
+                f"adapter {adapter_dir}: {shape_mismatch(key, tensors[key].shape, shape)}"
             )
     with torch.no_grad():
         for key, weight in lora_weights_by_key(model).items():
             copy_full_(weight, tensors[key])  # under FSDP each process keeps its shard
     return config
+
+
+def shape_mismatch(key: str, found, needed) -> str:
+    """Why a tensor does not fit: the rank in adapter_config.json (A is (r, in), B is (out, r)),
+    or the base model's dimensions."""
+    found, needed = tuple(found), tuple(needed)
+    rank_dim = 0 if ".lora_A." in key else 1 if ".lora_B." in key else None
+    others_match = (
+        len(found) == len(needed) == 2
+        and rank_dim is not None
+        and (found[1 - rank_dim] == needed[1 - rank_dim])
+    )
+    if others_match:
+        return (
+            f"{key} has rank {found[rank_dim]} but {ADAPTER_CONFIG} says r={needed[rank_dim]}: "
+            f"the config does not describe these weights (edited, or from another adapter)"
+        )
+    return (
+        f"{key} has shape {found} but this model needs {needed}; the adapter was trained on a "
+        f"base model of another size"
+    )
 
 
 def _file_key(key: str) -> str:

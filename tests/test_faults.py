@@ -535,3 +535,12 @@ def test_an_absurd_data_weight_is_one_line_before_anything_allocates(tmp_path, c
     assert code == 2 and "<= 100" in capsys.readouterr().err
     with pytest.raises(UserError, match="an epoch of 200,000,000 rows"):  # 2M rows × 100
         Mixture([2_000_000], [100.0], seed=0)
+
+
+def test_an_edited_rank_is_named_as_such_not_as_another_base_model(adapter_dir, tmp_path, capsys):
+    config = read_adapter_config(adapter_dir)
+    config["r"] = config["r"] * 2
+    (adapter_dir / "adapter_config.json").write_text(json.dumps(config))
+    code = infer.main(["--adapter", str(adapter_dir), "--export", str(tmp_path / "merged")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"says r={config['r']}" in err and "another size" not in err
