@@ -1,7 +1,7 @@
 """Ask a trained adapter: `python infer.py --adapter out/ --prompt "..."`.
 
 Modes: one question (--prompt, or --instruction/--input), a file of questions (--file), an
-interactive chat (no question and a terminal, or --chat), before/after (--compare), --export DIR
+chat (no question: turns from a terminal or piped in, one per line), before/after (--compare), --export DIR
 to write a merged standalone checkpoint, --export-gguf FILE for llama.cpp and Ollama (a GGUF
 file and a Modelfile), and --inspect to see what training changed. A thin CLI over `lora/infer/`
 (its flags are declared in `lora/infer/options.py`), `lora/export/` and `lora/inspect.py`.
@@ -62,11 +62,7 @@ def run(args) -> int:
     question = args.prompt or args.instruction
     if wrote and not (question or args.file or args.chat):
         return 0
-    interactive = args.chat or (not question and not args.file and sys.stdin.isatty())
-    if not question and not args.file and not interactive:
-        raise UserError(
-            "nothing to ask: give --prompt, --instruction, --file or --chat (standard input is not a terminal)"
-        )
+    interactive = args.chat or not (question or args.file)  # a terminal's or piped turns
     questions = read_questions(args)  # a bad file is reported before the (slow) model load
     loaded, settings = load(args, questions)
     if question:
@@ -74,6 +70,8 @@ def run(args) -> int:
     if args.file:
         answer_and_score(loaded, questions, settings, args)
     if interactive:
+        from lora.infer.chat import chat
+
         chat(loaded, settings)
     return 0
 
@@ -236,41 +234,6 @@ def score_path(output: Path | None, adapter) -> Path:
     if output is None:
         return Path(adapter) / "score.json"
     return output.with_name(f"{output.stem}.score.json")
-
-
-def chat(loaded, settings) -> None:
-    """Multi-turn chat on standard input; tokens are printed as they are generated."""
-    from transformers import TextStreamer
-
-    from lora.data.records import Sample, Turn
-    from lora.infer import generate as gen
-
-    history: list[Turn] = []
-    streamer = TextStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    print("chat with the fine-tuned model: /reset clears the history, /exit quits", file=sys.stderr)
-    while True:
-        try:
-            line = input("you> ")
-        except EOFError:
-            print(file=sys.stderr)
-            return
-        text = line.strip()
-        if not text:
-            continue
-        if text == "/exit":
-            return
-        if text == "/reset":
-            history.clear()
-            print("(history cleared)", file=sys.stderr)
-            continue
-        print("model> ", end="", flush=True)
-        (r,) = gen.generate_batch(
-            loaded, [Sample(tuple(history) + (Turn(text, ""),))], settings, streamer=streamer
-        )
-        history.append(Turn(text, r["answer"], reasoning=r["reasoning"]))
-        if not r["stopped"]:
-            print(f"[the answer: stopped at --max-new-tokens {settings.max_new_tokens} without "
-                  f"an end token]", file=sys.stderr)  # fmt: skip
 
 
 def main(argv=None) -> int:

@@ -38,7 +38,10 @@ FLAG_GROUPS: dict[str, list[tuple[str, str, dict]]] = {
             "(default: stdout)",
         ),
         flag(
-            "--chat", "interactive chat reading standard input, even without a terminal", **SWITCH
+            "--chat",
+            "chat on standard input, one turn per line, from a terminal or piped in (what infer.py "
+            "does when nothing else is asked); with --prompt or --file: chat after answering",
+            **SWITCH,
         ),
         flag("--columns", "with --file: column mapping as in train.py"),
         flag(
