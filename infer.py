@@ -1,9 +1,9 @@
 """Ask a trained adapter: `python infer.py --adapter out/ --prompt "..."`.
 
-Modes: one question (--prompt, or --instruction/--input), a file of questions (--file), an
-chat (no question: turns from a terminal or piped in, one per line), before/after (--compare), --export DIR
-to write a merged standalone checkpoint, --export-gguf FILE for llama.cpp and Ollama (a GGUF
-file and a Modelfile), and --inspect to see what training changed. A thin CLI over `lora/infer/`
+Modes: one question (--prompt, or --instruction/--input), a file of questions (--file), a chat
+(no question: turns from a terminal or piped in, one per line), before/after (--compare),
+--export DIR to write a merged standalone checkpoint, --export-gguf FILE for llama.cpp and
+Ollama (a GGUF file and a Modelfile), and --inspect to see what training changed. A thin CLI over `lora/infer/`
 (its flags are declared in `lora/infer/options.py`), `lora/export/` and `lora/inspect.py`.
 """
 
@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import re
 import signal
 import sys
 from pathlib import Path
 
 from lora.errors import Terminated, UserError, os_error_line, raise_terminated
-from lora.infer.options import add_infer_flags
+from lora.infer.options import add_infer_flags, check_values
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,32 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_args(args) -> None:
-    """Refuse values that would fail late (after the model loads) or silently do something else."""
-    rules = [
-        ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, "an integer >= 1"),
-        ("--batch-size", args.batch_size, args.batch_size >= 1, "an integer >= 1"),
-        ("--temperature", args.temperature, math.isfinite(args.temperature) and args.temperature >= 0,
-         "a finite number >= 0 (0 = greedy)"),
-        ("--top-p", args.top_p, 0 < args.top_p <= 1, "a number in (0, 1]"),
-        ("--top-k", args.top_k, args.top_k >= 0, "an integer >= 0 (0 = off)"),
-        ("--repetition-penalty", args.repetition_penalty,
-         math.isfinite(args.repetition_penalty) and args.repetition_penalty > 0, "a finite number > 0"),
-        ("--device", args.device, re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", args.device),
-         "auto, cpu, mps, cuda or cuda:N"),
-    ]  # fmt: skip
-    problems = [
-        f"{flag} must be {rule}, got {value!r}" for flag, value, ok, rule in rules if not ok
-    ]
-    if problems:
-        raise UserError("; ".join(problems))
-
-
 def run(args) -> int:
     """Check everything, write what was asked for (exports, inspect), then answer questions."""
     from lora.adapter import read_adapter_config
 
-    check_args(args)
+    check_values(args)
     check_combinations(args)
     read_adapter_config(args.adapter)  # a missing or broken adapter is the first thing to report
     wrote = export_and_inspect(args)

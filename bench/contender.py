@@ -57,7 +57,8 @@ def heldout_loss(model, rows, device) -> float:
 
 
 def run_ours(spec, device):
-    from lora.train.loop import TrainConfig, train
+    from lora.train.config import TrainConfig
+    from lora.train.loop import train
 
     out = Path(spec["workdir"]) / "ours"
     cfg = TrainConfig(

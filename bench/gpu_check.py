@@ -82,7 +82,8 @@ def small_dataset(out: Path) -> Path:
 
 def train_once(model_dir: Path, out: Path, precision: str, device: str, steps: int) -> dict:
     """Train `steps` steps in `precision`; returns the losses, tokens/s and peak memory."""
-    from lora.train.loop import TrainConfig, train
+    from lora.train.config import TrainConfig
+    from lora.train.loop import train
 
     if device == "cuda":
         torch.cuda.empty_cache()

@@ -122,7 +122,7 @@ def save_adapter(
 ) -> Path:
     """Write `adapter_model.safetensors` and `adapter_config.json` (PEFT format) into `out_dir`.
 
-    `tensors`: the model's `adapter_state_dict`, when already gathered (FSDP, see checkpoint.py).
+    `tensors`: the model's `adapter_state_dict`, when already gathered (FSDP, see train/checkpoint.py).
     """
     layers = lora_layers(model)
     if not layers:

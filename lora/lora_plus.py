@@ -19,7 +19,7 @@ Why
 What changes relative to plain LoRA
     Only the optimizer: two AdamW parameter groups instead of one. The forward pass, the
     adapter file (PEFT loads it like any LoRA adapter), merging and inference are identical.
-    The warmup + cosine schedule (`schedule.py`) multiplies *each* group's own learning rate
+    The warmup + cosine schedule (`train/schedule.py`) multiplies *each* group's own learning rate
     by the same factor, so `η_B / η_A = λ` holds at every step. The logged `lr` is A's (`--lr`).
     PEFT offers the same grouping as `peft.optimizers.create_loraplus_optimizer`.
 

@@ -169,7 +169,22 @@ def test_the_saver_computes_the_plain_layer_formula(autocast):
         grads.append([layer.lora_A.weight.grad, layer.lora_B.weight.grad])
     assert torch.equal(outputs[0], outputs[1])
     for ours, reference in zip(grads[1], grads[0]):
-        torch.testing.assert_close(ours, reference)
+        assert torch.equal(ours, reference)  # bit for bit: the same kernels on the same tensors
+
+
+@pytest.mark.parametrize("state", ["eval", "merged", "disabled"])
+def test_the_saver_steps_aside_where_the_layer_has_no_dropout_to_apply(state):
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(16, 8), r=4, alpha=8, dropout=0.5)
+    torch.nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        expected = {"eval": layer.eval, "merged": layer.merge, "disabled": lambda: None}
+        expected[state]()
+        layer.disabled = state == "disabled"
+        plain = layer(x)
+        keep_less_for_backward(layer)
+        assert torch.equal(layer(x), plain) and torch.equal(layer(x), layer(x))
 
 
 def test_dropout_is_off_in_eval_mode():

@@ -135,3 +135,15 @@ def test_the_layer_is_its_formula():
     source = (PACKAGE / "layer.py").read_text(encoding="utf-8")
     assert "autograd" not in source and "activations" not in source
     assert import_graph()["lora.layer"] <= {"lora.errors", "lora.quantize", "lora.spec"}
+
+
+def test_the_docs_walk_the_code_in_the_one_reading_order():
+    """docs/how-lora-works.md names the files of lora/ in the order lora/__init__.py gives."""
+    text = (ROOT / "docs" / "how-lora-works.md").read_text(encoding="utf-8")
+    section = text.split("## The ideas, and where each one is")[1].split("\n## ")[0]
+    top = [n for n in reading_order(lora.__doc__) if n.endswith(".py")]
+    mentioned = []
+    for name in re.findall(r"`lora/(\w+\.py)`", section):
+        if name in top and name not in mentioned:
+            mentioned.append(name)
+    assert mentioned == [n for n in top if n in mentioned] and len(mentioned) >= 6

@@ -21,7 +21,8 @@ from lora.inject import apply_lora, lora_disabled, lora_layers, lora_parameters
 from lora.model import enable_activation_checkpointing, load_model, load_tokenizer
 from lora.quantize import check_quantize, dequantized_weight, quantization_config
 from lora.spec import LoRASpec
-from lora.train.loop import TrainConfig, train
+from lora.train.config import TrainConfig
+from lora.train.loop import train
 from lora.train.loss import CausalLMLoss
 
 bnb = pytest.importorskip("bitsandbytes")

@@ -39,7 +39,8 @@ def test_split_reasoning(text, expected):
 @pytest.fixture(scope="module")
 def trained_with_row_system(tiny_models, tmp_path_factory):
     """A tiny adapter trained on rows that all carry the same system prompt."""
-    from lora.train.loop import TrainConfig, train
+    from lora.train.config import TrainConfig
+    from lora.train.loop import train
 
     tmp = tmp_path_factory.mktemp("system")
     rows = [dict(r, system="你是一名中医。") for r in overfit_rows(4)]

@@ -1,4 +1,5 @@
-"""Every flag of `infer.py`, declared as data: one table per group, read by `add_infer_flags`.
+"""Every flag of `infer.py`, declared as data: one table per group, read by `add_infer_flags`;
+and `check_values`, the ranges those flags' values must be in.
 
 As `TrainConfig` (train/config.py) does for training, this is the one place an inference flag,
 its default and its help live. Generation defaults come from `GenerationSettings` (sampling.py),
@@ -8,7 +9,10 @@ the quantization choices from spec.py. No torch here, so `infer.py --help` answe
 from __future__ import annotations
 
 import argparse
+import math
+import re
 
+from ..errors import UserError
 from ..spec import QUANTIZE_CHOICES
 from .sampling import GenerationSettings
 
@@ -157,3 +161,24 @@ def add_infer_flags(parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group(title)
         for name, help, kwargs in rows:
             group.add_argument(name, help=help, **kwargs)
+
+
+def check_values(args) -> None:
+    """Refuse values that would fail late (after the model loads) or silently do something else."""
+    rules = [
+        ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, "an integer >= 1"),
+        ("--batch-size", args.batch_size, args.batch_size >= 1, "an integer >= 1"),
+        ("--temperature", args.temperature, math.isfinite(args.temperature) and args.temperature >= 0,
+         "a finite number >= 0 (0 = greedy)"),
+        ("--top-p", args.top_p, 0 < args.top_p <= 1, "a number in (0, 1]"),
+        ("--top-k", args.top_k, args.top_k >= 0, "an integer >= 0 (0 = off)"),
+        ("--repetition-penalty", args.repetition_penalty,
+         math.isfinite(args.repetition_penalty) and args.repetition_penalty > 0, "a finite number > 0"),
+        ("--device", args.device, re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", args.device),
+         "auto, cpu, mps, cuda or cuda:N"),
+    ]  # fmt: skip
+    problems = [
+        f"{flag} must be {rule}, got {value!r}" for flag, value, ok, rule in rules if not ok
+    ]
+    if problems:
+        raise UserError("; ".join(problems))

@@ -7,7 +7,7 @@ numbers for the fine-tuned model, and with `--compare` for the base model beside
 Reference likelihood
     The negative log-likelihood per token of each *reference* answer given its prompt, summed
     over every supervised token of the file and divided by their count: exactly the training
-    loss (same template, same masking, same shifted cross-entropy, `loss.py`), and its
+    loss (same template, same masking, same shifted cross-entropy, `train/loss.py`), and its
     perplexity exp(NLL). No generation is involved, so it is cheap and free of decoding
     choices: the cleanest before/after number.
 

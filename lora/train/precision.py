@@ -7,7 +7,7 @@
            `GradScaler` multiplies the loss by a large factor before backward and divides the
            gradients by it before the step, skipping steps whose gradients overflowed.
 
-In every mode the LoRA weights and AdamW's state are fp32 (see layer.py): they are what the
+In every mode the LoRA weights and AdamW's state are fp32 (see lora/layer.py): they are what the
 optimizer changes, in steps too small for 16-bit floats to represent. Only the frozen base
 is stored in 16 bits, which halves the memory its weights take.
 
@@ -77,7 +77,7 @@ def autocast_for(precision: str, device: torch.device):
     """The forward pass's autocast context (a no-op in fp32).
 
     Autocast runs matrix products in the 16-bit dtype and keeps reductions (softmax, norms)
-    in fp32; the LoRA weights stay fp32 and are cast on the fly (layer.py).
+    in fp32; the LoRA weights stay fp32 and are cast on the fly (lora/layer.py).
     """
     return torch.autocast(device.type, dtype=DTYPES[precision], enabled=precision != "fp32")
 

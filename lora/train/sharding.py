@@ -20,7 +20,7 @@ network every step. Each decoder layer is its own FSDP unit, and so is the root 
 final norm, `lm_head`), which stays gathered for the whole step.
 
 The arithmetic is the same in both: FSDP's reduce-scatter, like DDP's all-reduce, averages the
-gradients, so the loop's `× world_size` (trainer.backward_window) holds for both, and the
+gradients, so the loop's `× world_size` (loop.backward_window) holds for both, and the
 adapter after N steps equals the single-process one. Mixed precision is FSDP2's policy: weights
 gathered in bf16/fp16, gradients reduced in fp32 onto the fp32 adapter master weights.
 
