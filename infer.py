@@ -15,7 +15,7 @@ import signal
 import sys
 from pathlib import Path
 
-from lora.errors import Terminated, UserError, os_error_line, raise_terminated
+from lora.errors import Terminated, UserError, os_error_line, raise_terminated, with_path
 from lora.infer.options import add_infer_flags, check_values
 
 
@@ -192,7 +192,10 @@ def answer_and_score(loaded, questions, settings, args) -> None:
     from lora.infer.score import format_report, score
 
     output = Path(args.output) if args.output else None
-    records = answer_file(loaded, questions, settings, args.batch_size, output, args.compare)
+    try:
+        records = answer_file(loaded, questions, settings, args.batch_size, output, args.compare)
+    except OSError as e:  # a full disk's write() names no file: name --output
+        raise with_path(e, output or "standard output") from None
     if output:
         print(f"answers written to {output}", file=sys.stderr)
     if args.score:

@@ -20,7 +20,7 @@ from test_training import cfg, run_cli
 
 import infer
 import train as train_cli
-from conftest import ROOT, overfit_rows, write_json
+from conftest import ROOT, overfit_rows, run_script, write_json
 from lora.adapter import ADAPTER_WEIGHTS, read_adapter_config, read_adapter_tensors
 from lora.data.fileformat import decode_bytes
 from lora.data.records import read_dataset
@@ -544,3 +544,15 @@ def test_an_edited_rank_is_named_as_such_not_as_another_base_model(adapter_dir, 
     code = infer.main(["--adapter", str(adapter_dir), "--export", str(tmp_path / "merged")])
     err = capsys.readouterr().err
     assert code == 2 and f"says r={config['r']}" in err and "another size" not in err
+
+
+@pytest.mark.parametrize("what", ["export", "answers"])
+def test_a_full_disk_names_the_path_for_exports_and_answers_too(adapter_dir, data, tmp_path, what):
+    target = tmp_path / ("merged" if what == "export" else "answers.jsonl")
+    flags = ["--export", target] if what == "export" else ["--file", data, "--output", target]
+    p = run_script("infer.py", "--adapter", adapter_dir, *flags, "--max-new-tokens", "8",
+                   preexec_fn=limit_file_size(2_000 if what == "answers" else 32_000))  # fmt: skip
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    (line,) = [x for x in p.stderr.splitlines() if x.startswith("error:")]
+    assert str(tmp_path) in line and ("File too large" in line or "too large" in line), line
+    assert not (tmp_path / "merged").exists()

@@ -205,7 +205,10 @@ def write_gguf(model, tokenizer, path, options: GGUFOptions | None = None, log=p
         os.replace(tmp, path)
         tmp = None
     except OSError as e:
-        raise UserError(f"could not write {path}: {e.strerror or e}") from None
+        cause = e.strerror or str(e)
+        if "requested and" in cause:  # numpy's short write: the file system took no more
+            cause = f"the disk is full ({cause} bytes)"
+        raise UserError(f"could not write {path}: {cause}") from None
     finally:
         if w is not None:
             w.close()

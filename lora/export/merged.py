@@ -7,11 +7,13 @@ base model. The chat template and stop tokens the adapter was trained with go al
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from ..adapter import base_model_of, load_adapter, read_adapter_config, read_adapter_extra
 from ..data.prompt import PromptFormat, stop_token_ids
@@ -73,7 +75,12 @@ def save_whole(model, tokenizer, out_dir: Path) -> Path:
     tmp = out_dir.parent / temporary_prefix(out_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+        except SafetensorError as e:  # its I/O errors (a full disk) are not OSErrors
+            raise OSError(
+                errno.EIO, f"{e}".removeprefix("Error while serializing: "), str(tmp)
+            ) from None
         tokenizer.save_pretrained(tmp)
         readable_as_usual(tmp)  # some writers make 0600 files; a server may run as another user
         if not out_dir.exists():
