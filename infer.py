@@ -37,15 +37,18 @@ def run(args) -> int:
     read_adapter_config(args.adapter)  # a missing or broken adapter is the first thing to report
     wrote = export_and_inspect(args)
     question = args.prompt or args.instruction
-    if wrote and not (question or args.file or args.chat):
+    if wrote and not (question or args.file or args.chat or args.mcq):
         return 0
-    interactive = args.chat or not (question or args.file)  # a terminal's or piped turns
+    interactive = args.chat or not (question or args.file or args.mcq)  # typed or piped turns
     questions = read_questions(args)  # a bad file is reported before the (slow) model load
+    exam = read_exam_questions(args)
     loaded, settings = load(args, questions)
     if question:
         ask_one(loaded, settings, args)
     if args.file:
         answer_and_score(loaded, questions, settings, args)
+    if args.mcq:
+        sit_exam(loaded, exam, args)
     if interactive:
         from lora.infer.chat import chat
 
@@ -64,6 +67,10 @@ def check_combinations(args) -> None:
         raise UserError("--merge and --compare do not combine: compare needs the adapter separate")
     if (args.no_base or args.inspect_layers) and not args.inspect:
         raise UserError("--no-base and --inspect-layers go with --inspect")
+    if args.mcq and args.file and args.output:
+        raise UserError("--mcq and --file each write into --output: run them separately")
+    if args.shots and not args.mcq:
+        raise UserError("--shots goes with --mcq")
     if args.score:
         from lora.infer.score import metric_libraries
 
@@ -205,6 +212,39 @@ def answer_and_score(loaded, questions, settings, args) -> None:
         atomic_write_bytes(path, text.encode())
         print(format_report(report), file=sys.stderr)
         print(f"scores written to {path}", file=sys.stderr)
+
+
+def read_exam_questions(args) -> list:
+    if not args.mcq:
+        return []
+    from lora.data.exam import read_exam
+
+    exam, report = read_exam(args.mcq)
+    for line in report.lines():
+        print(line, file=sys.stderr)
+    return exam
+
+
+def sit_exam(loaded, exam, args) -> None:
+    """--mcq: letter probabilities per question, the accuracy table, mcq.json and predictions."""
+    from lora.adapter import atomic_write_bytes
+    from lora.infer.exam import ExamSettings, exam_report, format_exam, prediction_rows, take_exam
+
+    runs = take_exam(loaded, exam, ExamSettings(args.shots, args.batch_size), args.compare)
+    report = {
+        "adapter": str(args.adapter),
+        "shots": args.shots,
+        "subjects": exam_report(exam, runs),
+    }
+    folder = Path(args.output) if args.output else Path(args.adapter)
+    folder.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(report, indent=2, ensure_ascii=False) + "\n"
+    atomic_write_bytes(folder / "mcq.json", text.encode())
+    rows = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in prediction_rows(exam, runs))
+    atomic_write_bytes(folder / "mcq-predictions.jsonl", rows.encode())
+    print(format_exam(report["subjects"]), file=sys.stderr)
+    print(f"exam results written to {folder / 'mcq.json'} (per question: "
+          f"{folder / 'mcq-predictions.jsonl'})", file=sys.stderr)  # fmt: skip
 
 
 def score_path(output: Path | None, adapter) -> Path:

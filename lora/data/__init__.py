@@ -9,4 +9,5 @@ Reading order:
     tokenized.py   the tokenized rows in flat int32 arrays, memory-mapped from disk
     cache.py       prepared data cached by a hash of file, tokenizer and settings
     batching.py    length-grouped batches with dynamic padding, epoch by epoch
+    exam.py        multiple-choice exams: questions, options, answers (CMMLU CSV, JSON rows)
 """

@@ -7,4 +7,5 @@ Reading order:
     answers.py     answering a file of questions: batched, streamed, resumable
     chat.py        a conversation on standard input, from a terminal or piped in
     score.py       did it help? reference likelihood, BLEU/ROUGE, answer health
+    exam.py        did it learn, what did it forget? multiple-choice accuracy before and after
 """

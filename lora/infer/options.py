@@ -70,6 +70,20 @@ FLAG_GROUPS: dict[str, list[tuple[str, str, dict]]] = {
         ),
         flag("--compare", "show the base model's answer beside the fine-tuned one", **SWITCH),
         flag(
+            "--mcq",
+            "multiple-choice exams (CMMLU/C-Eval CSV files or directories, or JSON/JSONL rows): "
+            "accuracy per subject with 95%% intervals into mcq.json (in --output DIR, else the "
+            "adapter's directory); with --compare the base model and the paired difference",
+            nargs="+",
+            metavar="PATH",
+        ),
+        flag(
+            "--shots",
+            "with --mcq: put the first K rows of each subject's dev file before the question",
+            type=int,
+            default=0,
+        ),
+        flag(
             "--merge",
             "merge LoRA into the weights before generating: faster; exact in fp32, rounded in "
             "bf16/fp16 (the logit difference is measured and printed)",
@@ -168,6 +182,7 @@ def check_values(args) -> None:
     rules = [
         ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, "an integer >= 1"),
         ("--batch-size", args.batch_size, args.batch_size >= 1, "an integer >= 1"),
+        ("--shots", args.shots, 0 <= args.shots <= 16, "an integer from 0 to 16"),
         ("--temperature", args.temperature, math.isfinite(args.temperature) and args.temperature >= 0,
          "a finite number >= 0 (0 = greedy)"),
         ("--top-p", args.top_p, 0 < args.top_p <= 1, "a number in (0, 1]"),
