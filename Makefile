@@ -6,11 +6,27 @@ MODEL  ?= Qwen/Qwen2.5-0.5B-Instruct
 DATA   ?= data/chinese_med.json
 OUT    ?= out
 ARGS   ?=
-# Which torch to install. Plain `torch` gets PyPI's default build (CUDA on Linux, ~5.8 GB);
-# CI sets TORCH_SPEC=torch==2.13.0 to use the CPU wheel it has locally. For the CPU wheel from
-# PyTorch's own index: TORCH_INDEX=https://download.pytorch.org/whl/cpu (README: "Which torch").
-TORCH_SPEC ?= torch>=2.4
-TORCH_INDEX ?=
+# Which torch to install into a new .venv (README: "Which torch"). Given neither TORCH_SPEC nor
+# TORCH_INDEX, the build follows the machine: with an NVIDIA GPU visible (nvidia-smi lists one)
+# PyPI's default build, the CUDA one (~5.8 GB); without, the CPU build from PyTorch's CPU index
+# (under 1 GB), and make says which. Either variable, set on the command line or in the
+# environment (even empty: TORCH_INDEX= means PyPI's default), overrides the choice and installs
+# exactly `pip install "$TORCH_SPEC" [--index-url $TORCH_INDEX]`; CI sets TORCH_SPEC=torch==2.13.0
+# and gets that from the index it is given.
+TORCH_DEFAULT_SPEC := torch>=2.4
+TORCH_CPU_INDEX    := https://download.pytorch.org/whl/cpu
+ifeq ($(origin TORCH_SPEC)$(origin TORCH_INDEX),undefinedundefined)
+TORCH_INSTALL = if nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then \
+		echo "torch: an NVIDIA GPU is visible, installing the CUDA build (PyPI's default; TORCH_INDEX=URL chooses another)"; \
+		$(BIN)/python -m pip install -q "$(TORCH_DEFAULT_SPEC)"; \
+	else \
+		echo "torch: no NVIDIA GPU visible, installing the CPU build from $(TORCH_CPU_INDEX) (TORCH_INDEX= installs PyPI's default CUDA build)"; \
+		$(BIN)/python -m pip install -q "$(TORCH_DEFAULT_SPEC)" --index-url $(TORCH_CPU_INDEX); \
+	fi
+else
+TORCH_SPEC ?= $(TORCH_DEFAULT_SPEC)
+TORCH_INSTALL = $(BIN)/python -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+endif
 
 RUNTIME := $(VENV)/.runtime-installed
 DEV     := $(VENV)/.dev-installed
@@ -22,7 +38,7 @@ DEMO_MODEL := .cache/demo-model
 # Setup is idempotent: the stamp files make a second run install nothing.
 $(RUNTIME): requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/python -c "import torch" 2>/dev/null || { $(TORCH_INSTALL); }
 	$(BIN)/python -m pip install -q -r requirements.txt
 	touch $@
 

@@ -15,7 +15,14 @@ import signal
 import sys
 from pathlib import Path
 
-from lora.errors import Terminated, UserError, os_error_line, raise_terminated, with_path
+from lora.errors import (
+    Terminated,
+    UserError,
+    missing_package_line,
+    os_error_line,
+    raise_terminated,
+    with_path,
+)
 from lora.infer.options import add_infer_flags, check_values
 
 
@@ -261,6 +268,12 @@ def main(argv=None) -> int:
     previous = signal.signal(signal.SIGTERM, raise_terminated)  # exports clean up on the way out
     try:
         return run(args)
+    except ModuleNotFoundError as e:
+        line = missing_package_line(e)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 1
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -3,14 +3,20 @@
 A thin command line over `lora.train.loop.train`. Every flag is generated from a `TrainConfig`
 field (`lora/train/config.py`), and `--config run.yaml` sets the same fields from a file; flags given
 on the command line override the file.
+
+`--help` and the checks of the flags need only Python's standard library, so they answer at once,
+even outside the project's environment; torch and the rest load when there is something to do.
+Without them (the system's python3 instead of .venv's) the run ends in one line that says how to
+get them, and SIGTERM before training starts ends it as Ctrl-C does.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
-from lora.errors import TrainingInterrupted, UserError, os_error_line
+from lora.errors import TrainingInterrupted, UserError, missing_package_line, os_error_line
 from lora.train.config import TrainConfig, add_config_flags, read_config_file
 
 
@@ -41,12 +47,25 @@ def parse_config(argv=None) -> TrainConfig:
     return TrainConfig(**args)
 
 
+def interrupt(signum, frame):
+    """SIGTERM before training starts (reading data, loading the model) ends the run as Ctrl-C
+    does; once training runs, the loop's own handler saves a checkpoint first."""
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         cfg = parse_config(argv)
         from lora.train.loop import train  # torch loads only when there is something to train
 
         train(cfg)
+    except ModuleNotFoundError as e:
+        line = missing_package_line(e)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 1
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -58,6 +77,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -7,6 +7,27 @@ every file is written atomically, so such an error leaves nothing half-written. 
 that escapes is a bug in this project and keeps its traceback.
 """
 
+import sys
+
+# Installed by requirements.txt (import names): the packages a run cannot start without.
+RUNTIME_PACKAGES = {"torch", "transformers", "safetensors", "tokenizers", "tqdm", "numpy",
+                    "matplotlib", "yaml", "jinja2", "huggingface_hub"}  # fmt: skip
+
+
+def missing_package_line(e: ModuleNotFoundError) -> str | None:
+    """One line for a runtime package that is not installed (None for any other import error).
+
+    The usual cause is running the system's python3 instead of the project's environment.
+    """
+    package = (e.name or "").split(".")[0]
+    if package not in RUNTIME_PACKAGES:
+        return None
+    return (
+        f"{package} is not installed in this Python ({sys.executable}): activate the project's "
+        f"environment (source .venv/bin/activate), or run make train, which creates it; or "
+        f"install the requirements here: pip install -r requirements.txt"
+    )
+
 
 def os_error_line(e: OSError) -> str:
     """An operating-system error as one line naming the path and the cause.

@@ -8,7 +8,7 @@ When the hub is unreachable we say how to pass a local directory instead.
 from __future__ import annotations
 
 import json
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -98,11 +98,13 @@ def load_model(
     if quantization_config is not None:
         kwargs |= {"quantization_config": quantization_config, "device_map": {"": str(device)}}
     try:
-        model = _from_pretrained(name_or_path, attn_implementation="sdpa", **kwargs)
+        with no_loading_bar():
+            model = _from_pretrained(name_or_path, attn_implementation="sdpa", **kwargs)
     except (ValueError, ImportError) as e:
         if "sdpa" not in str(e).lower():
             raise UserError(f"could not load model {name_or_path}: {e}") from None
-        model = _from_pretrained(name_or_path, **kwargs)
+        with no_loading_bar():
+            model = _from_pretrained(name_or_path, **kwargs)
     except torch.cuda.OutOfMemoryError:
         raise
     except Exception as e:
@@ -116,6 +118,33 @@ def load_model(
     # The KV cache is for generation; during training it only costs memory.
     model.config.use_cache = False
     return model
+
+
+@contextmanager
+def no_loading_bar():
+    """Inside this block transformers draws no "Loading weights" bar (transformers 5.x).
+
+    Its bar counts tensors being placed, a second or two for a small model, on every load of
+    every command: noise beside our own lines. Only that bar goes: a hub download keeps its
+    progress bars, which say something while a model arrives. Through transformers' tqdm hook
+    (5.x), which also hands back the hook it replaces; older versions draw no such bar.
+    """
+    from transformers.utils import logging as hf_logging
+
+    if not hasattr(hf_logging, "set_tqdm_hook"):
+        yield
+        return
+
+    def hook(factory, args, kwargs):
+        if str(kwargs.get("desc", "")).startswith("Loading weights"):
+            kwargs = kwargs | {"disable": True}
+        return previous(factory, args, kwargs) if previous else factory(*args, **kwargs)
+
+    previous = hf_logging.set_tqdm_hook(hook)
+    try:
+        yield
+    finally:
+        hf_logging.set_tqdm_hook(previous)
 
 
 def _from_pretrained(name_or_path: str, **kwargs):
@@ -183,6 +212,26 @@ def load_model_config(name_or_path: str, trust_remote_code: bool = False):
         if local:
             raise UserError(f"could not read the config of {name_or_path}: {e}") from None
         raise _hub_error(name_or_path, e) from None
+
+
+def model_skeleton(name_or_path: str, dtype: torch.dtype, trust_remote_code: bool = False):
+    """The model built from its config.json alone, on the meta device: every module and
+    parameter shape, no weight read or allocated (a fraction of a second, whatever the size).
+
+    What needs only the model's shape is checked on it before the data is prepared and the
+    weights load: the LoRA targets and the rank against each layer's dimensions (train.py), and
+    `--dry-run`'s parameter counts and memory estimate.
+    """
+    config = load_model_config(name_or_path, trust_remote_code)
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(
+                config, trust_remote_code=trust_remote_code, **{_DTYPE_KWARG: dtype}
+            )
+    except Exception as e:  # an architecture transformers cannot build: loading would fail too
+        raise UserError(
+            f"could not build model {name_or_path} from its config: {type(e).__name__}: {e}"
+        ) from None
 
 
 def checkpoint_dtype(name_or_path: str, trust_remote_code: bool = False) -> torch.dtype:

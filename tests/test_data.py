@@ -128,6 +128,20 @@ def test_columns_mapping_joins_columns(tmp_path):
         read_dataset(other)
 
 
+def test_columns_the_file_lacks_are_named_together_with_the_files_columns(tmp_path):
+    """As for an unknown schema: a --columns mapping that names columns the file does not have
+    lists the ones it has (the CSV's `ask`, not `question`)."""
+    text = "department,title,ask,answer\n内科,高血压,能吃党参吗？,可以。\n内科,头痛,怎么办,休息。\n"
+    path = write(tmp_path, "c.csv", text, "gb18030")
+    with pytest.raises(UserError) as e:
+        read_dataset(path, columns="prompt=question,response=answer_text")
+    message = str(e.value)
+    assert "no usable rows (2 missing column(s) question, answer_text)" in message
+    assert message.endswith(
+        "Its columns are department, title, ask, answer: name those in --columns"
+    )
+
+
 def test_every_bad_row_reason_is_counted_with_row_numbers(tmp_path):
     lines = [
         json.dumps(ALPACA[0], ensure_ascii=False),  # 1 ok

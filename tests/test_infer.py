@@ -164,7 +164,6 @@ def test_chat_flags_an_answer_cut_at_max_new_tokens(trained):
             lambda a, t: ["--adapter", str(a / "adapter_model.safetensors"), "--prompt", "x"],
             "adapter_model.safetensors is a file, not an adapter directory",
         ),
-        (lambda a, t: ["--adapter", str(a)], "nothing to ask"),
         (
             lambda a, t: ["--adapter", str(a), "--file", str(write_json(t / "e.json", []))],
             "no usable rows",

@@ -44,3 +44,12 @@ def test_a_bf16_load_keeps_bf16(tiny_models, tmp_path):
 
 def _refuse(*args, **kwargs):
     raise AssertionError("AutoModelForCausalLM.from_pretrained read the checkpoint")
+
+
+def test_loading_prints_no_loading_weights_bar(tiny_models, capfd):
+    """transformers 5's "Loading weights 0/291" bar went with every command; loading is ours
+    to report, in one line where it matters."""
+    import torch
+
+    load_model(str(tiny_models["qwen2"]), torch.float32)
+    assert "Loading weights" not in capfd.readouterr().err

@@ -1,13 +1,18 @@
 """Preparing the training set: compact storage, the cache, counted skips, cut answers."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
 import lora.data.prepare as prepare_module
-from conftest import write_json
+from conftest import ROOT, write_json
 from lora.data.prepare import encode_all, prepare_data
 from lora.data.prompt import IGNORE_INDEX, PromptFormat
 from lora.data.records import Sample, Turn
@@ -128,6 +133,73 @@ def test_worker_processes_give_the_same_rows_as_one_process(tok, monkeypatch):
     monkeypatch.setattr(prepare_module, "worker_count", lambda n: 2)
     parallel, s2 = encode_all(samples, PromptFormat("chat"), tok, 32)
     assert same_rows(serial, parallel) and s1 == s2
+
+
+def test_the_tokenizing_bar_leaves_no_line_behind(tok, monkeypatch, capsys):
+    """The bar shows while it works (after 2 s) and leaves nothing: the summary's "prepared N
+    rows" line is the one line that says it is done. It used to print its 100% line twice."""
+    samples = [Sample((Turn(f"问题{i}", "回答。"),)) for i in range(40)]
+    monkeypatch.setattr(prepare_module, "CHUNK", 10)
+    monkeypatch.setattr(prepare_module, "worker_count", lambda n: 0)  # one chunk after another
+    slow = prepare_module.encode_chunk
+
+    def encode_slowly(*args, **kwargs):
+        time.sleep(0.7)  # 4 chunks: past the bar's 2 s delay
+        return slow(*args, **kwargs)
+
+    monkeypatch.setattr(prepare_module, "encode_chunk", encode_slowly)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    encode_all(samples, PromptFormat("chat"), tok, 32, progress=True)
+    printed = capsys.readouterr().err
+    assert "tokenizing" in printed  # it was shown while it worked
+    screen = [line.split("\r")[-1].strip() for line in printed.split("\n")]  # what stays visible
+    assert [line for line in screen if line] == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_a_signal_during_data_preparation_ends_without_worker_tracebacks(qwen2_dir, tmp_path, sig):
+    """Killed while its tokenizer workers run, train.py ends as an interrupt (SIGTERM) or at once
+    (SIGKILL): the workers end with it, and none prints a BrokenPipeError traceback."""
+    rows = "".join(f"问题{i}：头痛发热怎么办？,注意休息，多喝水。第{i}条。\n" for i in range(24000))
+    data = tmp_path / "big.csv"
+    data.write_text("question,answer\n" + rows, encoding="utf-8")
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), "--model", str(qwen2_dir), "--data", str(data),
+         "--no-cache", "--output", str(tmp_path / "out"), "--max-steps", "1", "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )  # fmt: skip
+    workers = wait_for_children(proc.pid)
+    assert workers, "the workers never started"
+    time.sleep(0.5)  # inside their first chunks
+    os.kill(proc.pid, getattr(signal, sig))
+    _, stderr = proc.communicate(timeout=120)  # its end: every worker has closed the pipe
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
+    if sig == "SIGTERM":
+        assert proc.returncode == 130 and stderr.strip().splitlines()[-1] == "interrupted"
+    deadline = time.time() + 10
+    while any(os.path.exists(f"/proc/{w}") for w in workers) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(os.path.exists(f"/proc/{w}") for w in workers)
+
+
+def wait_for_children(pid: int, timeout: float = 120) -> list[int]:
+    """The child processes of `pid` once it has some (its worker pool), from /proc."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except FileNotFoundError:
+            return []
+        children = []
+        for task in tasks:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                children += [int(c) for c in f.read().split()]
+        if children:
+            return children
+        time.sleep(0.05)
+    return []
 
 
 def test_shared_system_prompt_of_the_rows_is_recorded_for_inference(tmp_path, tok):

@@ -40,7 +40,11 @@ def test_the_end_summary_states_time_steps_epochs_tokens_speed_memory_losses_and
     assert final["tokens_seen"] == tokens
     seconds = sum(r["step_time_s"] for r in train_records)
     assert final["mean_tokens_per_s"] == pytest.approx(tokens / seconds, abs=0.1)
-    assert final["wall_time_s"] >= seconds
+    assert final["train_time_s"] == pytest.approx(seconds, abs=0.01)
+    # A fresh run is one process: its own span is the whole run, and its wall time covers it.
+    mine = final["this_process"]
+    assert (mine["first_step"], mine["steps"], mine["tokens_seen"]) == (1, 6, tokens)
+    assert mine["wall_time_s"] >= seconds
     assert final["train_loss"] == train_records[-1]["loss"]
     assert final["val_loss"] == [r for r in records if r["kind"] == "eval"][-1]["val_loss"]
     assert final["peak_memory_measured"] == "max RSS" and final["peak_memory_bytes"] > 50e6

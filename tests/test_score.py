@@ -79,8 +79,8 @@ def test_answers_are_resumed_and_a_torn_last_line_is_dropped(trained_with_val, t
     import lora.infer.answers
 
     original = lora.infer.answers.generate_batch
-    lora.infer.answers.generate_batch = lambda loaded, asks, s: (
-        calls.append(len(asks)) or original(loaded, asks, s)
+    lora.infer.answers.generate_batch = lambda loaded, asks, s, *rest: (
+        calls.append(len(asks)) or original(loaded, asks, s, *rest)
     )
     try:
         records = answer_file(loaded, samples, settings, batch_size=8, output=out)
@@ -91,6 +91,71 @@ def test_answers_are_resumed_and_a_torn_last_line_is_dropped(trained_with_val, t
     assert sorted(read_answered(out)) == [s.row for s in samples]
     assert all(r["stop_reason"] in ("eos", "length") for r in records)
     assert any(r["stop_reason"] == "length" for r in records)  # 8 tokens cut the untrained question
+
+
+def test_answering_shows_which_model_answers_and_its_tokens_as_they_come(trained_with_val, capsys):
+    adapter, val, _, _ = trained_with_val
+    samples, _ = read_dataset(val, questions=True)
+    loaded = load_for_inference(adapter)
+    capsys.readouterr()
+    records = answer_file(loaded, samples[:1], GenerationSettings(max_new_tokens=8), batch_size=1,
+                          output=None, compare=True)  # fmt: skip
+    bar = capsys.readouterr().err
+    assert "fine-tuned model: token 0/8" in bar and "base model: token 0/8" in bar
+    # The count grows with each generated token (every step of the batch), up to the last one.
+    assert f"fine-tuned model: token {records[0]['new_tokens']}/8" in bar
+    assert "1/1" in bar and "row" in bar  # the bar counts rows, not batches
+
+
+def test_resumed_answers_continue_only_the_same_adapter_settings_and_questions(
+    trained_with_val, tmp_path
+):
+    from dataclasses import replace
+
+    from lora.errors import UserError
+
+    adapter, val, _, _ = trained_with_val
+    samples, _ = read_dataset(val, questions=True)
+    loaded = load_for_inference(adapter)
+    out = tmp_path / "answers.jsonl"
+    settings = GenerationSettings(max_new_tokens=4)
+    first = answer_file(loaded, samples[:2], settings, batch_size=2, output=out)
+    assert first[0]["generated_by"]["adapter_sha256"] == loaded.adapter_sha256
+    assert first[0]["generated_by"]["max_new_tokens"] == 4
+    assert answer_file(loaded, samples[:2], settings, batch_size=2, output=out) == first
+
+    with pytest.raises(UserError, match=r"max_new_tokens was 4, now 6\).*delete it to start over"):
+        answer_file(loaded, samples, GenerationSettings(max_new_tokens=6), 2, out)
+    other = replace(loaded, adapter_sha256="f" * 64)  # another adapter's weights
+    with pytest.raises(UserError, match="another adapter or other settings .adapter_sha256 was"):
+        answer_file(other, samples, settings, 2, out)
+    renamed = [replace(s, turns=(replace(s.turns[0], user="另一个问题"),)) for s in samples]
+    with pytest.raises(UserError, match="row .* answers another question"):
+        answer_file(loaded, renamed, settings, 2, out)
+    lines = out.read_text(encoding="utf-8").splitlines()
+    old = [json.loads(line) for line in lines]
+    out.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "generated_by"}) + "\n"
+                           for r in old), encoding="utf-8")  # fmt: skip
+    with pytest.raises(UserError, match="written by an older infer.py"):
+        answer_file(loaded, samples, settings, 2, out)
+
+
+def test_cli_resuming_answers_with_other_settings_is_one_line(trained_with_val, tmp_path):
+    adapter, val, _, _ = trained_with_val
+    out = tmp_path / "a.jsonl"
+
+    def answer(tokens):
+        return subprocess.run([sys.executable, str(ROOT / "infer.py"), "--adapter", str(adapter),
+                               "--file", str(val), "--output", str(out), "--max-new-tokens", tokens],
+                              capture_output=True, text=True, cwd=ROOT, timeout=300,
+                              env=dict(os.environ, HF_HUB_OFFLINE="1"))  # fmt: skip
+
+    assert answer("4").returncode == 0
+    before = out.read_bytes()
+    p = answer("5")
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert "max_new_tokens was 4, now 5" in p.stderr and "delete it to start over" in p.stderr
+    assert out.read_bytes() == before  # nothing mixed in
 
 
 def test_cli_score_writes_score_json_for_both_models(trained_with_val, tmp_path):

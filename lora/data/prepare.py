@@ -14,10 +14,13 @@ the model will learn from before spending an hour on it.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import multiprocessing as mp
 import os
 import random
+import signal
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -214,6 +217,10 @@ def _encode(samples, fmt, tokenizer, max_len, drop_cut, progress):
 
     Rendering (Jinja) and labelling are Python, so on a big set the chunks go to worker
     processes, one per core; each worker runs the batch tokenizer on its own chunk.
+
+    A bar shows on a terminal while it takes more than two seconds, and leaves no line behind:
+    the summary's "prepared N rows in S s" is the line that says it is done. In a log (no
+    terminal) a bar would write a line per redraw, so there is none.
     """
     from tqdm import tqdm
 
@@ -222,9 +229,9 @@ def _encode(samples, fmt, tokenizer, max_len, drop_cut, progress):
     )
     chunks = [samples[i : i + CHUNK] for i in range(0, len(samples), CHUNK)]
     done = []
-    with tqdm(
-        total=len(samples), unit="row", desc="tokenizing", delay=2, disable=not progress
-    ) as bar:
+    shown = progress and sys.stderr.isatty()
+    with tqdm(total=len(samples), unit="row", desc="tokenizing", delay=2, leave=False,
+              dynamic_ncols=True, file=sys.stderr, disable=not shown) as bar:  # fmt: skip
         for result in _map(job, chunks, worker_count(len(samples))):
             done.append(result)
             bar.update(result.n_samples)
@@ -304,10 +311,31 @@ def worker_count(n_samples: int) -> int:
 
 
 _JOB = None  # the job of the current pool; forked workers inherit it with the tokenizer
+PR_SET_PDEATHSIG = 1  # Linux prctl(2): the signal a process gets when its parent dies
 
 
 def _run_job(chunk):
     return _JOB(chunk)
+
+
+def _quiet_worker(parent: int) -> None:
+    """Set up a forked worker so that an interrupted run ends without the workers' tracebacks.
+
+    Ctrl-C reaches every process of the terminal's group: the parent alone handles it and ends
+    the pool, so a worker ignores SIGINT, and the pool's SIGTERM ends it at once, whatever
+    handler it inherited from the parent. A parent killed before it can end the pool (SIGKILL)
+    would leave each worker to finish its chunk and die on the broken pipe to the parent,
+    printing a traceback: on Linux the kernel kills the worker with its parent instead.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):  # a C library without prctl
+            ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(0)
 
 
 def _map(job, chunks, workers):
@@ -322,7 +350,7 @@ def _map(job, chunks, workers):
     # would write to every object it visits, so the objects alive now are frozen out of its way.
     gc.freeze()
     try:
-        with mp.get_context("fork").Pool(workers) as pool:
+        with mp.get_context("fork").Pool(workers, _quiet_worker, (os.getpid(),)) as pool:
             yield from pool.imap(_run_job, chunks)
     finally:
         gc.unfreeze()

@@ -254,11 +254,14 @@ def _flat_mapping(rec: dict) -> dict[str, list[str]] | None:
 
 
 def _from_columns(rec: dict, mapping: dict[str, list[str]], questions: bool = False) -> Sample:
+    # Every mapped column the record lacks, named together (an answer may be absent in questions).
+    missing = [c for f, cols in mapping.items() if not (questions and f == "response")
+               for c in cols if c not in rec]  # fmt: skip
+    if missing:
+        raise BadRow(f"missing column(s) {', '.join(dict.fromkeys(missing))}")
+
     def get(field_name, required):
         cols = mapping.get(field_name, [])
-        missing = [c for c in cols if c not in rec and not (questions and field_name == "response")]
-        if missing:
-            raise BadRow(f"missing column(s) {', '.join(missing)}")
         parts = [_text(rec.get(c), field_name, required=False) for c in cols]
         text = "\n\n".join(p for p in parts if p)
         if required and not text:
@@ -354,11 +357,24 @@ def read_dataset(
     report.kept = len(samples)
     if not samples:
         reasons = "; ".join(f"{n} {r}" for r, n in report.skipped.most_common()) or "no rows"
-        hint = ""
-        if report.skipped.get("unknown schema") and isinstance(records[0][1], dict):
-            hint = f". Its columns are {', '.join(map(str, records[0][1].keys()))}: map them with --columns prompt=COL,response=COL"
-        raise UserError(f"{path}: no usable rows ({reasons}){hint}")
+        raise UserError(f"{path}: no usable rows ({reasons}){_columns_hint(records, report)}")
     return samples, report
+
+
+def _columns_hint(records: list, report: ReadReport) -> str:
+    """When no row had the columns we looked for, the file's own columns, to map with --columns.
+
+    The same for a schema we do not know and for a --columns mapping that names columns the
+    file does not have: either way the user needs the names the file really uses.
+    """
+    columns_missing = any(r.startswith("missing column(s)") for r in report.skipped)
+    first = next((rec for _, rec in records if isinstance(rec, dict)), None)
+    if first is None or not (report.skipped.get("unknown schema") or columns_missing):
+        return ""
+    names = ", ".join(map(str, first.keys()))
+    if columns_missing:
+        return f". Its columns are {names}: name those in --columns"
+    return f". Its columns are {names}: map them with --columns prompt=COL,response=COL"
 
 
 def write_rows(picks: list[tuple[str, list[int]]], dest, encoding: str | None = None) -> None:

@@ -77,13 +77,14 @@ def letter_probabilities(loaded: LoadedAdapter, questions, settings: ExamSetting
                       unit="batch", leave=False):  # fmt: skip
         batch = prompts[start : start + settings.batch_size]
         width = max(map(len, batch))
-        # Right padding: each row's last real position is read, the padding after it is masked.
-        ids = torch.tensor(
-            [p + [tok.pad_token_id] * (width - len(p)) for p in batch], device=device
-        )
-        mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in batch], device=device)
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        last = logits[torch.arange(len(batch)), mask.sum(1) - 1]  # (batch, vocab)
+        # Left padding: every prompt ends at the last position, the only one whose logits we
+        # need (the vocabulary projection of all the others is a quarter of a 0.5B's work).
+        pads = [width - len(p) for p in batch]
+        ids = torch.tensor([[tok.pad_token_id] * n + p for n, p in zip(pads, batch)], device=device)
+        mask = torch.tensor([[0] * n + [1] * len(p) for n, p in zip(pads, batch)], device=device)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)  # each prompt's own positions from 0
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
+        last = logits.logits[:, -1].float()  # (batch, vocab)
         for row, q in zip(last, questions[start : start + len(batch)]):
             offered = row[letter_ids(tok, len(q.options))]
             out.append(torch.softmax(offered, dim=-1).tolist())

@@ -9,11 +9,20 @@ answer, and generation stops on every end token the model knows (for Qwen: `<|im
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
-from ..adapter import base_model_of, load_adapter, read_adapter_config, read_adapter_extra
+from ..adapter import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    base_model_of,
+    load_adapter,
+    read_adapter_config,
+    read_adapter_extra,
+)
 from ..data.prompt import PromptFormat, encode_prompt, split_reasoning, stop_token_ids
 from ..data.records import Sample, Turn
 from ..errors import UserError
@@ -33,6 +42,8 @@ class LoadedAdapter:
     config: dict
     base_model: str
     system_source: str | None = None  # "--system", "adapter" (train.py --system), "data", None
+    adapter_sha256: str = ""  # of the adapter's weights and config: which adapter answers
+    quantize: str = "none"  # how the base was loaded (--quantize)
 
 
 @dataclass(frozen=True)
@@ -77,7 +88,22 @@ def load_for_inference(adapter_dir, options: LoadOptions | None = None) -> Loade
         | set(stop_token_ids(tokenizer, fmt, model.generation_config))
     )
     fmt, source = inference_system(fmt, o.system)
-    return LoadedAdapter(model, tokenizer, fmt, stops, config, base, source)
+    return LoadedAdapter(
+        model, tokenizer, fmt, stops, config, base, source, adapter_digest(adapter_dir), o.quantize
+    )
+
+
+def adapter_digest(adapter_dir) -> str:
+    """sha256 of the adapter's weights and config: the same digest, the same adapter, wherever
+    its directory is (answers.py records it beside every answer)."""
+    h = hashlib.sha256()
+    for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+        path = Path(adapter_dir) / name
+        if path.is_file():
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()
 
 
 def inference_system(fmt: PromptFormat, system: str | None) -> tuple[PromptFormat, str | None]:
@@ -148,13 +174,18 @@ def generate_batch(
     return results
 
 
-def generate_compare(loaded: LoadedAdapter, samples, settings) -> list[dict]:
-    """Base and fine-tuned answers to the same prompts: the before/after view."""
+def generate_compare(loaded: LoadedAdapter, samples, settings, streamer_for=None) -> list[dict]:
+    """Base and fine-tuned answers to the same prompts: the before/after view.
+
+    `streamer_for(model)`, if given, returns the streamer of that model's generation
+    ("fine-tuned", then "base"): answers.py shows with it which model is answering.
+    """
     if any(getattr(m, "merged", False) for m in loaded.model.modules()):
         raise UserError("--compare needs the adapter unmerged (drop --merge)")
-    tuned = generate_batch(loaded, samples, settings)
+    streamer = streamer_for or (lambda model: None)
+    tuned = generate_batch(loaded, samples, settings, streamer("fine-tuned"))
     with lora_disabled(loaded.model):
-        base = generate_batch(loaded, samples, settings)
+        base = generate_batch(loaded, samples, settings, streamer("base"))
     return [{"base": b, "tuned": t} for b, t in zip(base, tuned)]
 
 

@@ -163,6 +163,12 @@ class TrainConfig:
     loss_chunk: int | None = _opt(
         None, "rows of logits per loss chunk (default: sized from the vocabulary)", "training"
     )
+    dry_run: bool = _opt(
+        False,
+        "read and prepare the data, check every setting against the model's config, print the "
+        "data summary, the steps and the memory estimate, then stop before loading the weights",
+        "training",
+    )
     # evaluation and checkpoints
     eval_every: int = _opt(
         0, "validate every N steps (0: only at the end)", "evaluation and checkpoints"

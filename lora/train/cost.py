@@ -17,11 +17,17 @@ Before training (`estimate`), in bytes:
                  token) is kept, and one layer's full set while it is recomputed.
 
 It is an estimate (allocator slack, the attention kernel's workspace and the framework's own
-buffers are not in it), printed so a run that cannot fit is seen before it starts.
+buffers are not in it), printed so a run that cannot fit is seen before it starts. `--dry-run`
+prints it from the model's shape alone (run.py), before any weight loads.
 
-After training (`summary`): wall time, steps, epochs, tokens seen, mean tokens/s, peak memory
+After training (`summary`): steps, epochs, tokens seen, time and mean tokens/s, peak memory
 (max RSS of the process on CPU, `torch.cuda.max_memory_allocated` on GPU), the final losses and
 where each file is. The same numbers go into train_args.json ("estimate" and "final").
+
+Each figure covers one stated span. A run resumed with --resume was trained by several
+processes: the whole run's steps, tokens and training time come from metrics.jsonl (every step
+kept, whichever process trained it), while wall time, peak memory and the tokens/s of this
+process are this process's own, over the steps it trained. A fresh run has one span.
 """
 
 from __future__ import annotations
@@ -37,11 +43,17 @@ from .loss import auto_chunk_size
 ADAM_BYTES_PER_PARAM = 16  # fp32 weight + fp32 gradient + AdamW's m and v
 
 
-def estimate(run) -> dict:
-    """Memory of weights, adapters + optimizer and activations (with and without checkpointing)."""
+def estimate(run, weights_bytes: int | None = None) -> dict:
+    """Memory of weights, adapters + optimizer and activations (with and without checkpointing).
+
+    The weights are measured on the loaded model, unless `weights_bytes` gives them (the dry
+    run's model has shapes but no storage); the trainable count is the injection's.
+    """
     model, cfg = run.model, run.cfg
-    frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = weights_bytes
+    if frozen is None:
+        frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)  # fmt: skip
+    trainable = run.record.trainable_params
     tokens = cfg.batch_size * max(run.lengths)
     full, checkpointed = activation_bytes(model.config, tokens, DTYPE_BYTES[run.precision], cfg)
     steps_per_epoch = math.ceil(len(run.epoch_batches(0)) / cfg.grad_accum)
@@ -115,24 +127,41 @@ def peak_memory(device) -> tuple[int, str]:
 
 
 def summary(run, wall_time: float, val_loss: float | None) -> dict:
-    """The end-of-run numbers; also the "final" record of train_args.json."""
-    history = run.metrics.history
-    tokens = sum(r["real_tokens"] for r in history)
-    step_time = sum(r["step_time_s"] for r in history)
+    """The end-of-run numbers; also the "final" record of train_args.json.
+
+    Top level: the whole run (every step in metrics.jsonl). `this_process`: the steps this
+    process trained (all of them, unless it resumed a run), its wall time and peak memory.
+    """
     peak, measured = peak_memory(run.device)
     state = run.state
     batches = len(run.epoch_batches(state.epoch))
+    mine = [r for r in run.metrics.history if r["step"] > run.first_step]
     return {
         "train_loss": run.last_loss,
         "val_loss": val_loss,
-        "wall_time_s": round(wall_time, 2),
         "steps": state.step,
         "epochs": round(state.epoch + state.batch_in_epoch / max(batches, 1), 4),
-        "tokens_seen": tokens,
-        "mean_tokens_per_s": round(tokens / step_time, 1) if step_time else None,
+        **span(run.metrics.history),
+        "this_process": {
+            "first_step": run.first_step + 1,
+            "steps": len(mine),
+            **span(mine),
+            "wall_time_s": round(wall_time, 2),
+        },
         "peak_memory_bytes": peak,
         "peak_memory_measured": measured,
         "files": output_files(run),
+    }
+
+
+def span(records: list[dict]) -> dict:
+    """Tokens, summed step time and tokens per second of the steps in `records`."""
+    tokens = sum(r["real_tokens"] for r in records)
+    seconds = sum(r["step_time_s"] for r in records)
+    return {
+        "tokens_seen": tokens,
+        "train_time_s": round(seconds, 2),
+        "mean_tokens_per_s": round(tokens / seconds, 1) if seconds else None,
     }
 
 
@@ -149,17 +178,33 @@ def output_files(run) -> dict:
 
 
 def summary_lines(s: dict) -> list[str]:
-    """The summary as printed at the end of a run."""
+    """The summary as printed at the end of a run: one line for a fresh run, whose process is
+    the whole run; after --resume, the whole run's figures and this process's, each labelled."""
     val = f", validation loss {s['val_loss']:.4f}" if s["val_loss"] is not None else ""
     train = f"{s['train_loss']:.4f}" if s["train_loss"] is not None else "n/a"
-    speed = f"{s['mean_tokens_per_s']:,.0f}" if s["mean_tokens_per_s"] else "n/a"
-    return [
-        f"done: {s['steps']} steps ({s['epochs']:.2f} epochs) in {s['wall_time_s']:.1f} s; "
-        f"{s['tokens_seen']:,} tokens seen, {speed} tokens/s; peak memory "
-        f"{size(s['peak_memory_bytes'])} ({s['peak_memory_measured']}); "
-        f"final train loss {train}{val}",
-        *(f"  {key:<12} {path}" for key, path in s["files"].items()),
-    ]
+    mine = s["this_process"]
+    memory = f"{size(s['peak_memory_bytes'])} ({s['peak_memory_measured']})"
+    head = f"done: {s['steps']} steps ({s['epochs']:.2f} epochs)"
+    if mine["first_step"] == 1:
+        lines = [
+            f"{head} in {mine['wall_time_s']:.1f} s; {s['tokens_seen']:,} tokens seen, "
+            f"{_speed(s)} tokens/s; peak memory {memory}; final train loss {train}{val}"
+        ]
+    else:
+        steps = f"steps {mine['first_step']}-{s['steps']}" if mine["steps"] else "no step"
+        lines = [
+            f"{head}; final train loss {train}{val}",
+            f"  whole run      {s['tokens_seen']:,} tokens seen in {s['train_time_s']:.1f} s of "
+            f"training steps, {_speed(s)} tokens/s",
+            f"  this process   {steps} (resumed): {mine['tokens_seen']:,} tokens in "
+            f"{mine['train_time_s']:.1f} s of training steps, {_speed(mine)} tokens/s; "
+            f"{mine['wall_time_s']:.1f} s in all; peak memory {memory}",
+        ]
+    return lines + [f"  {key:<12} {path}" for key, path in s["files"].items()]
+
+
+def _speed(span: dict) -> str:
+    return f"{span['mean_tokens_per_s']:,.0f}" if span["mean_tokens_per_s"] else "n/a"
 
 
 def size(n: float) -> str:

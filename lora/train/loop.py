@@ -44,7 +44,7 @@ from .evaluate import early_stop_due, evaluate_and_keep_best, use_best_adapter
 from .loss import count_supervised
 from .metrics import ProgressBar, plot_loss
 from .precision import out_of_memory_advice, pick_device, resolve_precision
-from .run import Run, setup
+from .run import Run, dry_run, setup
 from .rundir import HELDOUT, LOSS_PLOT, prepare_run_dir, run_dir_lock, write_train_args
 from .sharding import check_sharding, deferred_gradient_sync
 from .tracking import check_backends
@@ -71,6 +71,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     directory is locked against a second run; a previous run is removed (--overwrite) only
     once the data and the model have loaded; and Ctrl-C/SIGTERM are handled until the last
     file is written, so an interrupt leaves a finished run or a checkpoint to resume from.
+    With --dry-run it stops before the weights load, having written nothing (run.dry_run).
     """
     started = time.perf_counter()
     check_config(cfg)
@@ -83,6 +84,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     out = Path(cfg.output)
     try:
         check_sharding(cfg, dist)
+        if cfg.dry_run:
+            run = dry_run(cfg, dist, device, precision)
+            return TrainResult(out, run.total_steps, None, None, finished=False)
         with run_dir_lock(out, enabled=dist.is_main):
             plan = prepare_run_dir(out, cfg, dist)
             if plan.finished_steps is not None:

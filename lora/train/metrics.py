@@ -169,7 +169,8 @@ class ProgressBar:
 
 
 def startup_summary(run, report, total_steps: int) -> list[str]:
-    """Device, model, trainable parameters, effective batch: printed before the first step."""
+    """Device, model, trainable parameters, effective batch, steps and how many of them warm up:
+    printed before the first step."""
     cfg, info = run.cfg, run.dist
     rows_per_step = cfg.batch_size * cfg.grad_accum * info.world_size
     mean_len = sum(run.lengths) / len(run.lengths)
@@ -185,5 +186,13 @@ def startup_summary(run, report, total_steps: int) -> list[str]:
         f"model: {cfg.model}",
         str(report),
         f"effective batch: {rows_per_step} rows ({cfg.batch_size} per process × {cfg.grad_accum} "
-        f"accumulation{processes}) ≈ {rows_per_step * mean_len:,.0f} tokens; {total_steps} optimizer steps",
+        f"accumulation{processes}) ≈ {rows_per_step * mean_len:,.0f} tokens; {total_steps} optimizer steps, "
+        f"{warmup_words(run.warmup_steps, cfg.warmup)}",
     ]
+
+
+def warmup_words(steps: int, warmup: float) -> str:
+    """ "the first 1 warming up (--warmup 0.03)", or "no warmup (--warmup 0)"."""
+    if not steps:
+        return f"no warmup (--warmup {warmup:g})"
+    return f"the first {steps} warming up (--warmup {warmup:g})"

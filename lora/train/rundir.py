@@ -127,7 +127,7 @@ def plan_run_dir(out: Path, cfg) -> RunDirPlan:
                 f"{out}: no checkpoint is intact ({'; '.join(plan.notes)}); "
                 f"pass --overwrite to start the run over"
             )
-        if plan.resume_from is None and has_adapter(out):
+        if plan.resume_from is None and has_adapter(out) and not finished:
             raise UserError(unrecorded_result(out))
         if plan.resume_from is not None:  # every newer one was passed over as damaged
             newer = ckpt.step_of(plan.resume_from)

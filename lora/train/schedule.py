@@ -3,7 +3,7 @@
 Warmup matters for LoRA too: B starts at zero and AdamW's first steps are full-size whatever
 the gradient's scale, so a few steps of rising learning rate avoid an early jolt. Cosine decay
 then lets the last updates settle. `--warmup` is a step count (>= 1) or a fraction of the total
-(< 1).
+(< 1); a fraction above zero gives at least one warmup step, however short the run.
 """
 
 from __future__ import annotations
@@ -16,9 +16,16 @@ from ..errors import UserError
 
 
 def warmup_steps(warmup: float, total_steps: int) -> int:
+    """How many of `total_steps` warm up: `warmup` itself when >= 1, else that fraction of the run.
+
+    A fraction above zero gives at least one step: 0.03 of a 12-step run is 0.36 steps, and
+    rounding it to 0 would silently drop the warmup that was asked for.
+    """
     if warmup < 0:
         raise UserError(f"--warmup must be >= 0, got {warmup}")
-    return int(round(warmup * total_steps)) if warmup < 1 else int(warmup)
+    if warmup >= 1:
+        return int(warmup)
+    return max(1, int(round(warmup * total_steps))) if warmup > 0 else 0
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
