@@ -89,9 +89,9 @@ def params_mb(model, trainable: bool) -> float:
 
 def breakdown(spec) -> dict:
     from lora.inject import apply_lora, lora_parameters
-    from lora.model import checkpoint_dtype, enable_activation_checkpointing, load_model
+    from lora.model import checkpoint_dtype, load_model
     from lora.spec import LoRASpec
-    from lora.train.activations import keep_less_for_backward
+    from lora.train.activations import enable_activation_checkpointing, keep_less_for_backward
     from lora.train.loss import count_supervised, supervised_loss_sum
     from lora.train.vocab_storage import keep_vocab_matrices_narrow
 

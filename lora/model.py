@@ -245,17 +245,3 @@ def checkpoint_dtype(name_or_path: str, trust_remote_code: bool = False) -> torc
     if isinstance(value, str):
         value = getattr(torch, value, None)
     return value if isinstance(value, torch.dtype) else torch.float32
-
-
-def enable_activation_checkpointing(model) -> None:
-    """Recompute each decoder layer's activations in backward instead of keeping them.
-
-    use_reentrant=False: the re-entrant variant drops gradients of inputs that do not require
-    grad, which would leave every LoRA gradient at zero behind a frozen embedding. transformers
-    5.x renamed the method (`gradient_checkpointing_enable` is a deprecated alias, gone in v6).
-    """
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

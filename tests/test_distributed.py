@@ -80,7 +80,7 @@ def test_a_process_with_fewer_held_out_rows_runs_a_stand_in_batch_only_under_fsd
     import torch
 
     from lora.train.distributed import DistInfo
-    from lora.train.evaluate import validation_loss
+    from lora.train.validation import validation_loss
 
     rows = [SimpleNamespace(input_ids=[1] * n, labels=[1] * n) for n in (3, 4, 5, 6, 7)]
     calls = []

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-import lora.train.evaluate
+import lora.train.validation
 from conftest import assert_same_adapters, overfit_rows, tiny_config, write_json
 from lora.errors import UserError
 from lora.train.config import check_config
@@ -16,7 +16,7 @@ from lora.train.loop import train
 def planted_curve(monkeypatch, losses):
     """Validation returns `losses` in turn, whatever the model: the curve the test is about."""
     calls = iter(losses)
-    monkeypatch.setattr(lora.train.evaluate, "validation_loss", lambda run, val_set: next(calls))
+    monkeypatch.setattr(lora.train.validation, "validation_loss", lambda run, val_set: next(calls))
 
 
 @pytest.fixture

@@ -18,9 +18,10 @@ from lora.data.prompt import PromptFormat, encode_sample
 from lora.data.records import Sample, Turn
 from lora.errors import UserError
 from lora.inject import apply_lora, lora_disabled, lora_layers, lora_parameters
-from lora.model import enable_activation_checkpointing, load_model, load_tokenizer
+from lora.model import load_model, load_tokenizer
 from lora.quantize import check_quantize, dequantized_weight, quantization_config
 from lora.spec import LoRASpec
+from lora.train.activations import enable_activation_checkpointing
 from lora.train.config import TrainConfig
 from lora.train.loop import train
 from lora.train.loss import CausalLMLoss

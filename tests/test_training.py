@@ -27,8 +27,9 @@ from lora.data.prompt import PromptFormat, encode_sample
 from lora.data.records import Sample, Turn, read_dataset
 from lora.errors import UserError
 from lora.inject import apply_lora, lora_layers, lora_parameters
-from lora.model import enable_activation_checkpointing, load_model, load_tokenizer
+from lora.model import load_model, load_tokenizer
 from lora.spec import LoRASpec
+from lora.train.activations import enable_activation_checkpointing
 from lora.train.loop import backward_window, train
 from lora.train.loss import CausalLMLoss
 

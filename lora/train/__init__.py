@@ -6,7 +6,7 @@ Reading order:
     loop.py        the training loop: accumulation, the optimizer step, finishing
     loss.py        shifted cross-entropy on supervised positions only, chunked
     schedule.py    learning-rate warmup + cosine decay
-    evaluate.py    validation loss, exact across processes; keeping the best adapter
+    validation.py  validation loss, exact across processes; keeping the best adapter
     activations.py what backward keeps: the MLP's g and u, not silu(g); dropout's 1-byte mask
     precision.py   device and precision: fp32, bf16, fp16 + GradScaler
     vocab_storage.py  fp32 runs: the frozen embedding and head stay bf16, widened where used

@@ -27,6 +27,9 @@ keeps a 1-byte mask per adapter and the input that q_proj and v_proj share, wher
 mask and a dropped copy of the input for each. `LoRALinear` itself stays the plain formula
 (layer.py); training gives each of its instances the forward below, which computes the same
 `lora_A(lora_dropout(x))` through `DroppedProjection`.
+
+The last resort keeps nothing per layer at all: `enable_activation_checkpointing`
+(--grad-checkpointing) recomputes each decoder layer's forward in backward.
 """
 
 from __future__ import annotations
@@ -151,3 +154,17 @@ def lora_forward_keeping_a_mask(layer: LoRALinear, x: torch.Tensor) -> torch.Ten
         x = x.to(layer.lora_A.weight.dtype)  # as in LoRALinear.forward
     Ax = dropout_then_project(x, layer.lora_A.weight, layer.lora_dropout.p)
     return h + (layer.scaling * layer.lora_B(Ax)).to(h.dtype)
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in backward instead of keeping them.
+
+    use_reentrant=False: the re-entrant variant drops gradients of inputs that do not require
+    grad, which would leave every LoRA gradient at zero behind a frozen embedding. transformers
+    5.x renamed the method (`gradient_checkpointing_enable` is a deprecated alias, gone in v6).
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

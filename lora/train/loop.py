@@ -40,7 +40,6 @@ from .distributed import (
     shutdown,
     stop_signals,
 )
-from .evaluate import early_stop_due, evaluate_and_keep_best, use_best_adapter
 from .loss import count_supervised
 from .metrics import ProgressBar, plot_loss
 from .precision import out_of_memory_advice, pick_device, resolve_precision
@@ -48,6 +47,7 @@ from .run import Run, dry_run, setup
 from .rundir import HELDOUT, LOSS_PLOT, prepare_run_dir, run_dir_lock, write_train_args
 from .sharding import check_sharding, deferred_gradient_sync
 from .tracking import check_backends
+from .validation import early_stop_due, evaluate_and_keep_best, use_best_adapter
 
 MAX_BAD_STEPS = 3  # non-finite updates in a row that mean the run diverged
 

@@ -40,13 +40,12 @@ from ..inject import LoRAReport, apply_lora, lora_parameters
 from ..lora_plus import check_lora_plus_ratio, optimizer_param_groups
 from ..model import (
     checkpoint_dtype,
-    enable_activation_checkpointing,
     load_model,
     load_tokenizer,
     model_skeleton,
 )
 from ..quantize import quantization_config
-from .activations import keep_less_for_backward
+from .activations import enable_activation_checkpointing, keep_less_for_backward
 from .checkpoint import resume_checkpoint
 from .config import TrainConfig
 from .cost import estimate, estimate_lines
