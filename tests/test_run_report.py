@@ -65,7 +65,8 @@ def test_the_start_estimates_memory_and_the_epochs_of_max_steps(finished_run):
     assert est["adapters_and_optimizer_bytes"] == 16 * args["trainable_params"]
     assert est["weights_bytes"] == 4 * (args["total_params"] - args["trainable_params"])  # fp32
     assert (
-        "memory estimate: weights" in printed and "with --grad-checkpointing (now off)" in printed
+        "memory estimate (resident): now" in printed
+        and "with --grad-checkpointing (now off)" in printed
     )
     assert "--max-steps 6 = 2.00 epochs (3 optimizer steps per epoch)" in printed
 
@@ -143,3 +144,20 @@ def test_the_loss_plot_has_a_title_integer_steps_and_lr_and_grad_norm_panels(mon
     assert norm.get_ylabel().startswith("gradient norm")
     assert list(norm.lines[0].get_ydata()) == [1, 2, 3]
     assert all(float(t).is_integer() for t in norm.get_xticks())
+
+
+def test_the_cpu_total_is_what_stays_resident_plus_what_training_adds():
+    """On CPU: the measured RSS (weights included) + adapters + activations + transients, or the
+    loading peak when that was higher; on GPU: the allocator's terms alone."""
+    from lora.train.config import TrainConfig
+    from lora.train.cost import total_bytes
+
+    cfg = TrainConfig()
+    gpu = {"weights_bytes": 1000, "adapters_and_optimizer_bytes": 10, "activations_bytes": 300,
+           "activations_bytes_with_grad_checkpointing": 100}  # fmt: skip
+    assert total_bytes(gpu, cfg) == 1310
+    cpu = gpu | {"resident_bytes": 1500, "peak_so_far_bytes": 1200, "transient_bytes": 50}
+    assert total_bytes(cpu, cfg) == 1500 + 10 + 300 + 50
+    assert total_bytes(cpu | {"peak_so_far_bytes": 9000}, cfg) == 9000  # loading peaked higher
+    ckpt = TrainConfig(grad_checkpointing=True)
+    assert total_bytes(cpu, ckpt) == 1500 + 10 + 100 + 50

@@ -16,9 +16,18 @@ Before training (`estimate`), in bytes:
                  its gradient. With --grad-checkpointing only each layer's input (h values per
                  token) is kept, and one layer's full set while it is recomputed.
 
-It is an estimate (allocator slack, the attention kernel's workspace and the framework's own
-buffers are not in it), printed so a run that cannot fit is seen before it starts. `--dry-run`
-prints it from the model's shape alone (run.py), before any weight loads.
+On CPU the total is what the process will hold resident (its RSS), since that is what runs out:
+    resident     measured, not computed: the RSS when the estimate is made, which holds Python,
+                 torch, the tokenizer, the prepared data and the loaded weights with the
+                 allocator's slack (`--dry-run`: that RSS plus the weights it has not loaded)
+    transients   what lives only for a moment at the peak: the chunked loss's logits gradient
+                 and temporaries (2 more chunks) and one layer's backward (2 layers' values)
+    total        the larger of the peak already reached (loading) and resident + adapters and
+                 AdamW + activations + transients
+On GPU the total is weights + adapters and AdamW + activations, as the allocator counts them.
+Checked against the measured peak on the real 0.5B by bench/estimate_check.py. It remains an
+estimate, printed so a run that cannot fit is seen before it starts. `--dry-run` prints it from
+the model's shape alone (run.py), before any weight loads.
 
 After training (`summary`): steps, epochs, tokens seen, time and mean tokens/s, peak memory
 (max RSS of the process on CPU, `torch.cuda.max_memory_allocated` on GPU), the final losses and
@@ -57,7 +66,7 @@ def estimate(run, weights_bytes: int | None = None) -> dict:
     tokens = cfg.batch_size * max(run.lengths)
     full, checkpointed = activation_bytes(model.config, tokens, DTYPE_BYTES[run.precision], cfg)
     steps_per_epoch = math.ceil(len(run.epoch_batches(0)) / cfg.grad_accum)
-    return {
+    est = {
         "weights_bytes": frozen,
         "adapters_and_optimizer_bytes": trainable * ADAM_BYTES_PER_PARAM,
         "longest_batch_tokens": tokens,
@@ -66,6 +75,51 @@ def estimate(run, weights_bytes: int | None = None) -> dict:
         "steps_per_epoch": steps_per_epoch,
         "epochs": run.total_steps / steps_per_epoch,
     }
+    if run.device.type == "cpu":
+        est |= resident_terms(model.config, tokens, DTYPE_BYTES[run.precision], cfg)
+        if weights_bytes is not None:  # a dry run: the weights are not resident yet
+            est["resident_bytes"] += frozen
+    return est
+
+
+def resident_terms(config, tokens: int, dtype_bytes: int, cfg) -> dict:
+    """What the CPU total adds to the computed parts: the process's RSS now and its peak so
+    far (from /proc), and the moment's transients at the peak (see the module docstring)."""
+    config = getattr(config, "text_config", config)
+    chunk = min(tokens, cfg.loss_chunk or auto_chunk_size(config.vocab_size))
+    layer = tokens * kept_per_token_per_layer(config) * dtype_bytes
+    now, peak = process_memory()
+    return {"resident_bytes": now, "peak_so_far_bytes": peak,
+            "transient_bytes": 2 * chunk * config.vocab_size * 4 + 2 * layer}  # fmt: skip
+
+
+def process_memory() -> tuple[int, int]:
+    """(RSS now, peak RSS so far) of this process in bytes: Linux's VmRSS and VmHWM (0, 0 where
+    /proc has neither)."""
+    found = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    found[key] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    return found.get("VmRSS", 0), found.get("VmHWM", 0)
+
+
+def total_bytes(est: dict, cfg) -> int:
+    """The printed total: resident memory on CPU, allocated memory on GPU (module docstring)."""
+    if "resident_bytes" not in est:
+        return (
+            est["weights_bytes"]
+            + est["adapters_and_optimizer_bytes"]
+            + chosen_activations(est, cfg)
+        )
+    moving = (
+        est["adapters_and_optimizer_bytes"] + chosen_activations(est, cfg) + est["transient_bytes"]
+    )
+    return max(est["peak_so_far_bytes"], est["resident_bytes"] + moving)
 
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -93,13 +147,17 @@ def activation_bytes(config, tokens: int, dtype_bytes: int, cfg) -> tuple[int, i
 def estimate_lines(est: dict, cfg) -> list[str]:
     """The estimate as printed before the first step."""
     now = "on" if cfg.grad_checkpointing else "off"
-    total = est["weights_bytes"] + est["adapters_and_optimizer_bytes"]
+    if "resident_bytes" in est:  # CPU: what the process holds, measured, plus what it will add
+        head = (f"memory estimate (resident): now {size(est['resident_bytes'])} (Python, torch, "
+                f"the data and weights {size(est['weights_bytes'])})")  # fmt: skip
+        tail = f" + loss and backward transients {size(est['transient_bytes'])}"
+    else:
+        head, tail = f"memory estimate: weights {size(est['weights_bytes'])}", ""
     lines = [
-        f"memory estimate: weights {size(est['weights_bytes'])} + adapters and AdamW "
-        f"{size(est['adapters_and_optimizer_bytes'])} + activations of the longest batch "
-        f"({est['longest_batch_tokens']:,} tokens) {size(est['activations_bytes'])}, "
-        f"{size(est['activations_bytes_with_grad_checkpointing'])} with --grad-checkpointing "
-        f"(now {now}); total ≈ {size(total + chosen_activations(est, cfg))}"
+        f"{head} + adapters and AdamW {size(est['adapters_and_optimizer_bytes'])} + activations "
+        f"of the longest batch ({est['longest_batch_tokens']:,} tokens) "
+        f"{size(est['activations_bytes'])}, {size(est['activations_bytes_with_grad_checkpointing'])} "
+        f"with --grad-checkpointing (now {now}){tail}; total ≈ {size(total_bytes(est, cfg))}"
     ]
     if cfg.max_steps:
         lines.append(
