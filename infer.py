@@ -15,14 +15,7 @@ import signal
 import sys
 from pathlib import Path
 
-from lora.errors import (
-    Terminated,
-    UserError,
-    missing_package_line,
-    os_error_line,
-    raise_terminated,
-    with_path,
-)
+from lora.errors import Terminated, UserError, exit_status, raise_terminated, with_path
 from lora.infer.options import add_infer_flags, check_values
 
 
@@ -268,18 +261,11 @@ def main(argv=None) -> int:
     previous = signal.signal(signal.SIGTERM, raise_terminated)  # exports clean up on the way out
     try:
         return run(args)
-    except ModuleNotFoundError as e:
-        line = missing_package_line(e)
-        if line is None:
+    except (UserError, ModuleNotFoundError, OSError) as e:  # one line each (lora/errors.py)
+        status = exit_status(e)
+        if status is None:
             raise
-        print(f"error: {line}", file=sys.stderr)
-        return 1
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # from the machine (disk full, read-only, a path under a file...)
-        print(f"error: {os_error_line(e)}", file=sys.stderr)
-        return 1
+        return status
     except KeyboardInterrupt:
         print("interrupted: nothing half-written was left", file=sys.stderr)
         return 130

@@ -16,7 +16,7 @@ import argparse
 import signal
 import sys
 
-from lora.errors import TrainingInterrupted, UserError, missing_package_line, os_error_line
+from lora.errors import TrainingInterrupted, UserError, exit_status
 from lora.train.config import TrainConfig, add_config_flags, read_config_file
 
 
@@ -60,18 +60,11 @@ def main(argv=None) -> int:
         from lora.train.loop import train  # torch loads only when there is something to train
 
         train(cfg)
-    except ModuleNotFoundError as e:
-        line = missing_package_line(e)
-        if line is None:
+    except (UserError, ModuleNotFoundError, OSError) as e:  # one line each (lora/errors.py)
+        status = exit_status(e)
+        if status is None:
             raise
-        print(f"error: {line}", file=sys.stderr)
-        return 1
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # from the machine (disk full, read-only...), not from the settings
-        print(f"error: {os_error_line(e)}", file=sys.stderr)
-        return 1
+        return status
     except TrainingInterrupted:
         return 130
     except KeyboardInterrupt:

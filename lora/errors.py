@@ -61,3 +61,21 @@ def raise_terminated(signum, frame):
 
 class TrainingInterrupted(Exception):
     """Raised after a checkpoint was saved because of Ctrl-C/SIGTERM; carries its path."""
+
+
+def exit_status(e: Exception) -> int | None:
+    """What train.py and infer.py do with an error a user can act on: print its one line and
+    return the exit status (2: the user's input, 1: the machine or the environment). None for
+    anything else, which is a bug and keeps its traceback."""
+    if isinstance(e, UserError):
+        line, status = str(e), 2
+    elif isinstance(e, ModuleNotFoundError):
+        line, status = missing_package_line(e), 1
+    elif isinstance(e, OSError):  # disk full, read-only, a path under a file...
+        line, status = os_error_line(e), 1
+    else:
+        line = None
+    if line is None:
+        return None
+    print(f"error: {line}", file=sys.stderr)
+    return status
