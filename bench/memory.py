@@ -1,6 +1,7 @@
 """Where our trainer's memory goes, phase by phase, measured as resident memory (RSS).
 
     python bench/memory.py ours --spec spec.json --result out.json     (run by bench/run.py)
+    python bench/memory.py estimate [--lengths 256,512,1024]         (bench/estimate_check.py)
 
 The same pieces as lora/ trains with (load_model, apply_lora, the decoder + chunked
 supervised-only loss, AdamW over the LoRA parameters), driven by hand so RSS can be read
@@ -179,6 +180,10 @@ def notes(m: dict) -> str:
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["estimate"]:  # the printed estimate against the measured peak
+        from estimate_check import main as check_estimate
+
+        return check_estimate(sys.argv[2:])
     parser = argparse.ArgumentParser()
     parser.add_argument("name", choices=["ours"])
     parser.add_argument("--spec", required=True)
