@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -32,7 +33,7 @@ from ..data.prompt import encode_prompt
 from ..data.records import Sample, Turn
 from ..errors import UserError
 from ..inject import lora_disabled
-from .generate import LoadedAdapter
+from .generate import LoadedAdapter, left_padded
 
 ANSWER_CUE = "答案："  # CMMLU's own cue ("answer:"), after the options
 Z95 = 1.959964
@@ -72,28 +73,24 @@ def letter_probabilities(loaded: LoadedAdapter, questions, settings: ExamSetting
     device = next(model.parameters()).device
     shots = _shots_by_source(questions, settings.shots)
     prompts = [encode_prompt(exam_prompt(q, shots[q.source]), loaded.fmt, tok) for q in questions]
+    letters = letter_ids(tok, max(len(q.options) for q in questions))
     out = []
     for start in tqdm(range(0, len(prompts), settings.batch_size), desc=f"exam{label}",
                       unit="batch", leave=False):  # fmt: skip
         batch = prompts[start : start + settings.batch_size]
-        width = max(map(len, batch))
         # Left padding: every prompt ends at the last position, the only one whose logits we
         # need (the vocabulary projection of all the others is a quarter of a 0.5B's work).
-        pads = [width - len(p) for p in batch]
-        ids = torch.tensor([[tok.pad_token_id] * n + p for n, p in zip(pads, batch)], device=device)
-        mask = torch.tensor([[0] * n + [1] * len(p) for n, p in zip(pads, batch)], device=device)
+        ids, mask = left_padded(batch, tok.pad_token_id, device)
         positions = (mask.cumsum(1) - 1).clamp(min=0)  # each prompt's own positions from 0
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
         last = logits.logits[:, -1].float()  # (batch, vocab)
         for row, q in zip(last, questions[start : start + len(batch)]):
-            offered = row[letter_ids(tok, len(q.options))]
+            offered = row[letters[: len(q.options)]]  # only the letters this question offers
             out.append(torch.softmax(offered, dim=-1).tolist())
     return out
 
 
 def _shots_by_source(questions, k: int) -> dict[str, list[Question]]:
-    from pathlib import Path
-
     return {src: few_shot_examples(Path(src), k) for src in {q.source for q in questions}}
 
 

@@ -138,14 +138,9 @@ def generate_batch(
             raise UserError(
                 f"the prompt is {len(p)} tokens, longer than the model's context of {limit} tokens"
             )
-    device = next(model.parameters()).device
-    width = max(len(p) for p in prompts)
-    pad = tok.pad_token_id
     # Left padding: every prompt ends at the same position, where generation starts.
-    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-    attention = torch.tensor(
-        [[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device
-    )
+    input_ids, attention = left_padded(prompts, tok.pad_token_id, next(model.parameters()).device)
+    width, pad = input_ids.shape[1], tok.pad_token_id
     max_new = settings.max_new_tokens
     if limit:
         max_new = max(1, min(max_new, limit - width))
@@ -172,6 +167,15 @@ def generate_batch(
             }
         )
     return results
+
+
+def left_padded(prompts: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask), both (batch, longest): shorter prompts padded on the left, so that
+    every prompt ends at the last position."""
+    width = max(map(len, prompts))
+    ids = [[pad] * (width - len(p)) + p for p in prompts]
+    mask = [[0] * (width - len(p)) + [1] * len(p) for p in prompts]
+    return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
 
 
 def generate_compare(loaded: LoadedAdapter, samples, settings, streamer_for=None) -> list[dict]:

@@ -13,7 +13,7 @@ one big batch in which every supervised token weighs the same. (Averaging each m
 first and then averaging the averages, as many loops do, lets a 1-token answer weigh as much
 as a 100-token one.) A last, partial window is scaled by its own N, so it is exact too.
 
-Precision: LoRA weights and AdamW state are always fp32 (see layer.py and precision.py); the
+Precision: LoRA weights and AdamW state are always fp32 (see lora/layer.py and precision.py); the
 frozen base may be bf16/fp16, with autocast in the forward pass and a GradScaler for fp16.
 """
 
